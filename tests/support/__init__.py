@@ -1,0 +1,1 @@
+"""Shared test helpers (checkpoint builders, tokenizer folder); imported as `support.<name>`."""
