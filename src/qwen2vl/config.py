@@ -50,6 +50,8 @@ class Qwen2VLVisionConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_theta": 10000.0, "rope_type": "axial"}
         where = "vision_config"
         _check(self.embed_dim % self.num_heads == 0, where,
                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
@@ -87,6 +89,7 @@ class Qwen2VLVisionConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Qwen2VLVisionConfig":
         d = dict(d)
+        d.pop("model_type", None)
         aliases = {"in_chans": "in_channels", "num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
         for alias, name in aliases.items():
             if alias in d:
@@ -99,7 +102,7 @@ class Qwen2VLVisionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        out["rope_parameters"] = self.rope_parameters or {"rope_theta": 10000.0, "rope_type": "axial"}
+        out["rope_parameters"] = dict(self.rope_parameters)
         out.update(self.extra)
         out["in_chans"] = self.in_channels  # what the hub files spell
         out["model_type"] = "qwen2_vl_vision"
@@ -189,6 +192,7 @@ class Qwen2VLTextConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Qwen2VLTextConfig":
         d = dict(d)
+        d.pop("model_type", None)
         rope = d.pop("rope_scaling", None) or d.get("rope_parameters")
         rope = dict(rope) if rope else {}
         if "rope_theta" in d:
@@ -269,6 +273,7 @@ class Qwen2VLConfig:
             tie = True  # an older nested save put the flag inside text_config
         text.pop("tie_word_embeddings", None)
         d.pop("model_type", None)
+        d.pop("architectures", None)  # always written by to_dict
         names = _field_names(cls) - {"extra", "text_config", "vision_config", "tie_word_embeddings", "dtype",
                                      "attn_implementation"}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -372,3 +377,171 @@ def _hub_file(repo_id: str, filename: str, **hub_kwargs: Any) -> str:
 
 
 # ---- generation config (owner: GENERATION) ----
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+# Values used when neither generate(), a generation_config argument nor the checkpoint's
+# generation_config.json sets a field (transformers' `_get_default_generation_params`).
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "max_length": 20, "min_length": 0, "do_sample": False, "use_cache": True, "num_beams": 1,
+    "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "num_return_sequences": 1,
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(value: Any) -> list[int] | None:
+    """eos_token_id as a list (int -> [int]); None stays None."""
+    if value is None:
+        return None
+    return [value] if _is_int(value) else list(value)
+
+
+@dataclass(slots=True)
+class GenerationConfig:
+    """Decoding parameters, named as in transformers' GenerationConfig (generation_config.json keys).
+
+    Every field defaults to None = "not set here": `generate` fills it from the next source down
+    (generate kwargs > generation_config= > model.generation_config > GENERATION_DEFAULTS).
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None  # prompt + new tokens (transformers' legacy length knob)
+    min_new_tokens: int | None = None
+    min_length: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    num_return_sequences: int | None = None
+    num_beams: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
+    use_cache: bool | None = None
+    return_dict_in_generate: bool | None = None
+    output_scores: bool | None = None
+    output_logits: bool | None = None
+    extra: dict = field(default_factory=dict)  # unknown keys (transformers_version, ...), kept for to_dict
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "GenerationConfig") -> None:
+        """Range-check every field that is set; raises ConfigError naming the field and its allowed range."""
+
+        def bad(name: str, rule: str) -> None:
+            raise ConfigError(f"{where}: {name}={getattr(self, name)!r} is out of range; {rule}")
+
+        for name, low in (("max_new_tokens", 1), ("max_length", 1), ("min_new_tokens", 0), ("min_length", 0),
+                          ("top_k", 0), ("num_return_sequences", 1), ("num_beams", 1),
+                          ("pad_token_id", 0), ("bos_token_id", 0)):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < low):
+                bad(name, f"allowed: an integer >= {low}")
+        if self.temperature is not None and not self.temperature >= 0:
+            bad("temperature", "allowed: a float >= 0 (0 means greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            bad("top_p", "allowed: 0 < top_p <= 1 (1 disables it)")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            bad("min_p", "allowed: 0 <= min_p <= 1")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            bad("repetition_penalty", "allowed: a float > 0 (1.0 disables it)")
+        eos = self.eos_token_id
+        if eos is not None:
+            ids = [eos] if _is_int(eos) else eos
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)) or not ids \
+                    or not all(_is_int(i) and i >= 0 for i in ids):
+                bad("eos_token_id", "allowed: a token id >= 0 or a non-empty list of them")
+        stops = self.stop_strings
+        if stops is not None:
+            items = [stops] if isinstance(stops, str) else stops
+            if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, str) and s for s in items):
+                bad("stop_strings", "allowed: a non-empty string or a non-empty list of non-empty strings")
+
+    @property
+    def eos_token_ids(self) -> list[int] | None:
+        """eos_token_id normalised to a list (None when unset)."""
+        return _token_ids(self.eos_token_id)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GenerationConfig":
+        d = dict(d)
+        names = _field_names(cls) - {"extra"}
+        extra = {k: v for k, v in d.items() if k not in names and k != "extra"}
+        extra.update(d.get("extra") or {})
+        return cls(**{k: v for k, v in d.items() if k in names}, extra=extra)
+
+    @classmethod
+    def from_model_config(cls, config: "Qwen2VLConfig") -> "GenerationConfig":
+        """bos/eos/pad from the model config: what transformers uses when generation_config.json is absent."""
+        text = config.text_config
+        pick = {}
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = config.extra.get(name, getattr(text, name, None))
+            if value is not None:
+                pick[name] = value
+        return cls(**pick)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set (None = unset is left out) plus the kept unknown keys."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name != "extra" and getattr(self, f.name) is not None}
+        out.update(self.extra)
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / GENERATION_CONFIG_NAME).write_text(self.to_json_string())
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, missing_ok: bool = False,
+                        **hub_kwargs: Any) -> "GenerationConfig | None":
+        """Read generation_config.json from a folder, a file path or a hub id; None if absent and missing_ok."""
+        path = Path(path_or_hub_id)
+        if path.is_dir():
+            path = path / GENERATION_CONFIG_NAME
+        elif not path.is_file():
+            try:
+                path = Path(_hub_file(str(path_or_hub_id), GENERATION_CONFIG_NAME, **hub_kwargs))
+            except (ConfigError, MissingDependencyError):
+                if missing_ok:
+                    return None
+                raise
+        if not path.is_file():
+            if missing_ok:
+                return None
+            raise ConfigError(f"{path_or_hub_id}: no {GENERATION_CONFIG_NAME} found; "
+                              "pass a folder that contains one (or missing_ok=True)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON ({exc}); fix or re-download the file") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def update(self, defaults_only: bool = False, **kwargs: Any) -> dict[str, Any]:
+        """Set the known fields from kwargs (only unset ones if defaults_only); return the unused kwargs."""
+        names = _field_names(type(self)) - {"extra"}
+        used = [k for k in kwargs if k in names and (not defaults_only or getattr(self, k) is None)]
+        before = {k: getattr(self, k) for k in used}
+        for key in used:
+            setattr(self, key, kwargs[key])
+        try:
+            self.validate()
+        except ConfigError:
+            for key, value in before.items():  # leave the config as it was
+                setattr(self, key, value)
+            raise
+        return {k: v for k, v in kwargs.items() if k not in used}
