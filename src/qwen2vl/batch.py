@@ -372,16 +372,13 @@ def run_job(
         if on_result is not None:
             on_result(record)
 
-    pending: list[Request] = []
+    pending: list[Request | Failed] = []  # results are written in input order
     for item in requests:
         if item.line in finished:
             counts["skipped"] += 1
             continue
-        if isinstance(item, Failed):
-            emit(item.line, item.id, item.error)
-            continue
         pending.append(item)
-        if len(pending) == batch_size:
+        if sum(isinstance(p, Request) for p in pending) == batch_size:
             _flush(model, processor, pending, defaults, dict(processor_kwargs or {}), emit)
             pending = []
     if pending:
@@ -389,12 +386,16 @@ def run_job(
     return counts
 
 
-def _flush(model: Any, processor: Any, pending: list[Request], defaults: dict, processor_kwargs: dict, emit: Callable) -> None:
+def _flush(model: Any, processor: Any, pending: list[Request | Failed], defaults: dict, processor_kwargs: dict,
+           emit: Callable) -> None:
     """Run pending requests grouped by identical sampling settings; emit results in input order."""
     groups: dict[str, list[Request]] = {}
-    for request in pending:
-        groups.setdefault(json.dumps(request.generate_kwargs, sort_keys=True), []).append(request)
     answers: dict[int, Result | Exception] = {}
+    for request in pending:
+        if isinstance(request, Failed):
+            answers[request.line] = request.error
+        else:
+            groups.setdefault(json.dumps(request.generate_kwargs, sort_keys=True), []).append(request)
     for group in groups.values():
         for request, result in zip(group, _run_group(model, processor, group, defaults, processor_kwargs)):
             answers[request.line] = result
