@@ -62,9 +62,12 @@ def as_tensor(value: Any, tensor_type: str | None) -> Any:
         return value
     import numpy as np
 
-    array = np.asarray(value)
-    if array.dtype == object:
-        raise InputError("return_tensors: sequences have different lengths; pass padding=True")
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        array = None
+    if array is None or array.dtype == object:
+        raise InputError("return_tensors: sequences have different lengths; pass padding=True") from None
     if tensor_type == "np":
         return array
     import torch

@@ -9,7 +9,7 @@ import base64
 import json
 from pathlib import Path
 
-from qwen2vl.errors import MissingDependencyError
+from qwen2vl.errors import CheckpointError, MissingDependencyError
 from qwen2vl.processing.chat import QWEN2_VL_CHAT_TEMPLATE
 
 # Qwen2's pre-tokenizer split (reference-notes §7.1); ByteLevel runs after it without its own regex.
@@ -92,7 +92,10 @@ def _last_merge(token: bytes, ranks: dict[bytes, int], max_rank: int) -> tuple[b
             break
         parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
     if len(parts) != 2:
-        raise ValueError(f"tokenizer_builder: token {token!r} cannot be built by lower-ranked merges")
+        raise CheckpointError(
+            f"tiktoken ranks: token {token!r} (rank {max_rank}) cannot be built from lower-ranked tokens; "
+            "the ranks file must be a byte-level BPE table (every token a merge of two earlier ones)"
+        )
     return parts[0], parts[1]
 
 
@@ -115,8 +118,9 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
     vocab = {to_str(token): rank for token, rank in ranks.items()}
     merges = [f"{to_str(a)} {to_str(b)}" for a, b in derive_merges(ranks)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    start = len(ranks)  # specials follow the ranked tokens: 151643 for Qwen2's table
     added = [
-        {"id": SPECIAL_START_ID + i, "content": tok, "single_word": False, "lstrip": False,
+        {"id": start + i, "content": tok, "single_word": False, "lstrip": False,
          "rstrip": False, "normalized": False, "special": True}
         for i, tok in enumerate(SPECIAL_TOKENS)
     ]
@@ -144,10 +148,10 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
     }
 
 
-def build_tokenizer_config(chat_template: str = QWEN2_VL_CHAT_TEMPLATE) -> dict:
+def build_tokenizer_config(chat_template: str = QWEN2_VL_CHAT_TEMPLATE, start: int = SPECIAL_START_ID) -> dict:
     """`tokenizer_config.json` as the hub's Qwen2-VL-Instruct ships it (reference-notes §1.5)."""
     decoder = {
-        str(SPECIAL_START_ID + i): {"content": tok, "lstrip": False, "normalized": False,
+        str(start + i): {"content": tok, "lstrip": False, "normalized": False,
                                     "rstrip": False, "single_word": False, "special": True}
         for i, tok in enumerate(SPECIAL_TOKENS)
     }
@@ -180,7 +184,7 @@ def write_tokenizer_files(out_dir: str | Path, tiktoken_path: str | Path | None 
     ranks = read_ranks(tiktoken_path if tiktoken_path is not None else default_tiktoken_path())
     document = build_tokenizer_json(ranks)
     (out / "tokenizer.json").write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
-    config = build_tokenizer_config()
+    config = build_tokenizer_config(start=len(ranks))
     (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     template = {"chat_template": QWEN2_VL_CHAT_TEMPLATE}
     (out / "chat_template.json").write_text(json.dumps(template, ensure_ascii=False, indent=2), encoding="utf-8")
