@@ -1,0 +1,167 @@
+"""Inference-only weight transforms applied as module swaps after a model is built and loaded.
+
+`quantize_int8(model)`: weight-only int8 (per-output-channel symmetric scales) for the text decoder's
+Linear layers (+ lm_head). `pack_for_cpu(model)`: bf16 Linear layers -> oneDNN-prepacked weights
+(bit-identical outputs, faster CPU matmuls). Both drop gradients: use them for inference only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen2vl.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# torch's CPU int8 weight-only GEMM reads one int8 weight row per output channel and is fastest for
+# a few activation rows; its cost grows linearly with rows (no reuse), so larger inputs dequantise.
+_KERNEL_MAX_ROWS = 2
+_KERNEL_K_MULTIPLE = 32  # the kernel misbehaves for other in_features (crashes at K=100, 1540)
+
+
+def _int8_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ q.T) * scales + bias, with q int8 (N, K) and scales (N,) in the activation dtype."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scales = quantize_weight_int8(linear.weight.detach(), linear.weight.dtype)
+        return cls(q, scales, linear.bias)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (N, K) weight the int8 values stand for, in `dtype` (default: the scales' dtype)."""
+        dtype = dtype or self.scales.dtype
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self._use_kernel(x2):
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
+        else:  # portable path: int8 -> activation dtype on the fly, then scale the output channels
+            y = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _use_kernel(self, x2: torch.Tensor) -> bool:
+        return (x2.device.type == "cpu" and _int8_kernel_available() and x2.dtype == self.scales.dtype
+                and x2.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and x2.shape[0] <= _KERNEL_MAX_ROWS and self.in_features % _KERNEL_K_MULTIPLE == 0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_weight_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: scale = max|w_row| / 127 (rounded to scale_dtype first, so the stored
+    scale is the one used), q = round(w / scale) clamped to [-127, 127]. Returns (q (N, K), scales (N,))."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    scales = scales.to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight is reordered once into oneDNN's blocked layout (CPU, inference only).
+
+    torch's plain bf16 CPU linear re-lays the weight out on every call; that costs as much as the
+    matmul itself at decode (1 row). The packed matmul gives bit-identical results."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _text_linears(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of the decoder's Linear layers: everything outside the vision tower."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or "visual" in name.split("."):
+            continue
+        if name.split(".")[-1] == "lm_head" and not include_lm_head:
+            continue
+        found.append((name, module))
+    return found
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
+    """Swap the text decoder's Linear layers (and lm_head unless include_lm_head=False) for Int8Linear,
+    in place, one layer at a time (peak memory = model + one layer). The embedding and the vision
+    tower stay in their dtype; a tied lm_head gets its own int8 copy. Returns the model."""
+    targets = _text_linears(model, include_lm_head)
+    if not targets:
+        raise ConfigError("quantize_int8: the model has no text Linear layers to quantise; "
+                          "pass a Qwen2VLForConditionalGeneration or a text model")
+    for name, linear in targets:
+        if not linear.weight.dtype.is_floating_point:
+            raise ConfigError(f"quantize_int8: {name} has dtype {linear.weight.dtype}; "
+                              "quantise a floating-point (bf16/fp16/fp32) model once")
+        _swap(model, name, Int8Linear.from_linear(linear))
+    logger.info("quantize_int8: %d Linear layers -> int8", len(targets))
+    return model
+
+
+def can_pack_for_cpu() -> bool:
+    """True where oneDNN weight prepacking is available (x86/aarch64 CPU builds of torch)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@torch.no_grad()
+def pack_for_cpu(model: nn.Module, include_vision: bool = True, include_tied_lm_head: bool = False) -> nn.Module:
+    """Swap CPU bf16 Linear layers for PackedLinear, in place (inference only; state_dict no longer
+    holds those weights). A lm_head tied to the embedding is skipped unless include_tied_lm_head=True,
+    because packing it keeps a second copy of the vocabulary matrix. Returns the model."""
+    if not can_pack_for_cpu():
+        raise ConfigError("pack_for_cpu: this torch build has no oneDNN (mkldnn) prepacking; "
+                          "run unpacked or use quantize_int8")
+    embed_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
+            continue
+        if module.weight.dtype != torch.bfloat16:
+            continue
+        if not include_vision and "visual" in name.split("."):
+            continue
+        if module.weight.data_ptr() in embed_ptrs and not include_tied_lm_head:
+            continue
+        _swap(model, name, PackedLinear(module))
+        count += 1
+    logger.info("pack_for_cpu: %d Linear layers prepacked", count)
+    return model
