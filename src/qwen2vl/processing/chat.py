@@ -78,6 +78,18 @@ def compile_template(template: str):
         ) from None
 
 
+@functools.lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """Names the template reads from its context (so other keyword arguments can go elsewhere)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return frozenset(meta.find_undeclared_variables(compile_template(template).environment.parse(template)))
+    except jinja2.exceptions.TemplateSyntaxError:
+        return frozenset()
+
+
 def _plain(value: Any) -> Any:
     """Copy of template input made of JSON types only; media objects become `<TypeName>` placeholders."""
     if value is None or type(value) in (str, int, float, bool):
