@@ -188,24 +188,19 @@ def _array_to_uint8(hwc: np.ndarray, where: str | None) -> tuple[np.ndarray, boo
     )
 
 
-class Qwen2VLImageProcessor:
-    """transformers-compatible Qwen2-VL image processor (PIL bicubic backend).
+class VisualProcessorBase:
+    """Config handling shared by the image and video processors: the transformers fields, the
+    min_pixels/max_pixels aliases of size, from_dict/from_pretrained/to_dict/save_pretrained."""
 
-    Pixel bounds come from `size={"shortest_edge", "longest_edge"}` or the aliases `min_pixels` /
-    `max_pixels` (constructor, `from_pretrained` overrides, or call arguments); `sizes` gives one
-    optional dict per image with qwen-vl-utils' keys `resized_height`/`resized_width`/`min_pixels`/
-    `max_pixels`, which then decide that image's target size alone.
-    Shapes: pixel_values (sum of gh*gw, 3*T*14*14 = 1176) float32; image_grid_thw (n, 3) int64.
-    """
-
-    model_input_names = ["pixel_values", "image_grid_thw"]
-    _FIELDS = {
+    config_files: tuple[str, ...] = ("preprocessor_config.json",)
+    type_key, type_name = "image_processor_type", "Qwen2VLImageProcessor"
+    _FIELDS: dict[str, Any] = {
         "do_resize": True, "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
         "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True,
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     }
-    _IGNORED = ("image_processor_type", "processor_class", "auto_map", "_processor_class", "backend")
+    _IGNORED = ("image_processor_type", "video_processor_type", "processor_class", "auto_map", "backend")
 
     def __init__(self, **kwargs: Any):
         self.extra: dict[str, Any] = {}
@@ -226,7 +221,7 @@ class Qwen2VLImageProcessor:
         low, high = size.get("shortest_edge"), size.get("longest_edge")
         if not low or not high or low > high:
             raise ConfigError(
-                f"image processor size={dict(size)}; needs 'shortest_edge' (min_pixels) <= "
+                f"processor size={dict(size)}; needs 'shortest_edge' (min_pixels) <= "
                 "'longest_edge' (max_pixels), both positive"
             )
 
@@ -239,7 +234,7 @@ class Qwen2VLImageProcessor:
         return self.size["longest_edge"]
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> "Qwen2VLImageProcessor":
+    def from_dict(cls, config: Mapping[str, Any], **overrides: Any):
         """Build from a preprocessor_config.json dict; `overrides` (e.g. min_pixels) win over it."""
         merged = dict(config)
         if ("min_pixels" in overrides or "max_pixels" in overrides) and "size" in merged:
@@ -248,14 +243,16 @@ class Qwen2VLImageProcessor:
         return cls(**merged)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides: Any) -> "Qwen2VLImageProcessor":
-        """Read `<path>/preprocessor_config.json` (hub layout: min_pixels/max_pixels or size)."""
-        file = Path(path) / "preprocessor_config.json" if Path(path).is_dir() else Path(path)
+    def from_pretrained(cls, path: str | Path, **overrides: Any):
+        """Read the first of `config_files` in the folder `path` (or the json file `path` itself)."""
+        folder = Path(path)
+        candidates = [folder / name for name in cls.config_files] if folder.is_dir() else [folder]
+        file = next((c for c in candidates if c.is_file()), candidates[0])
         try:
             config = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{file}: cannot read the image processor config ({exc}); "
-                              "expected a checkpoint folder with preprocessor_config.json") from exc
+            raise ConfigError(f"{file}: cannot read the processor config ({exc}); expected a checkpoint "
+                              f"folder with one of {list(cls.config_files)}") from exc
         return cls.from_dict(config, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,48 +260,42 @@ class Qwen2VLImageProcessor:
         out = {key: getattr(self, key) for key in self._FIELDS}
         out["size"] = dict(self.size)
         out.update(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        out["image_processor_type"] = "Qwen2VLImageProcessor"
+        out[self.type_key] = self.type_name
         return {**out, **self.extra}
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `<directory>/preprocessor_config.json`; returns its path."""
+        """Write `<directory>/<config_files[0]>`; returns its path."""
         Path(directory).mkdir(parents=True, exist_ok=True)
-        file = Path(directory) / "preprocessor_config.json"
+        file = Path(directory) / self.config_files[0]
         file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return file
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
 
-    # ---- sizes -------------------------------------------------------------------------------
     def target_size(
         self, height: int, width: int, item: Mapping[str, Any] | None = None, *,
         options: Mapping[str, Any] | None = None, where: str | None = None,
     ) -> tuple[int, int]:
         """Resized (height, width) of one image under this processor's bounds, the call `options`
         and the per-image qwen-vl-utils keys in `item` (resized_height/width take priority)."""
-        opts = self._options(options or {})
+        opts = self.resolve_options(options or {})
         factor = opts["patch_size"] * opts["merge_size"]
         low, high = opts["size"]["shortest_edge"], opts["size"]["longest_edge"]
         item = item or {}
         low, high = item.get("min_pixels") or low, item.get("max_pixels") or high
         if item.get("resized_height") and item.get("resized_width"):
             height, width = int(item["resized_height"]), int(item["resized_width"])
-        if not opts["do_resize"] and not item:
+        if not opts["do_resize"] and not any(item.get(key) for key in SIZE_KEYS):
             return height, width
         return smart_resize(height, width, factor, low, high, where=where)
 
-    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
-        """Rows of pixel_values for an image of this size (tokens = rows / merge_size**2)."""
-        h, w = self.target_size(height, width, options=images_kwargs)
-        patch = (images_kwargs or {}).get("patch_size", self.patch_size)
-        return (h // patch) * (w // patch)
-
-    def _options(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """This processor's fields with call-time `overrides` applied (min/max_pixels map to size)."""
         allowed = set(self._FIELDS) | {"min_pixels", "max_pixels"}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
-            raise ConfigError(f"image processor got unknown options {unknown}; allowed: {sorted(allowed)}")
+            raise ConfigError(f"{type(self).__name__} got unknown options {unknown}; allowed: {sorted(allowed)}")
         opts = {key: getattr(self, key) for key in self._FIELDS}
         opts.update({k: v for k, v in overrides.items() if v is not None and k not in ("min_pixels", "max_pixels")})
         opts["size"] = dict(opts["size"])
@@ -314,6 +305,26 @@ class Qwen2VLImageProcessor:
             opts["size"]["longest_edge"] = int(overrides["max_pixels"])
         self._check_size(opts["size"])
         return opts
+
+
+class Qwen2VLImageProcessor(VisualProcessorBase):
+    """transformers-compatible Qwen2-VL image processor (PIL bicubic backend).
+
+    Pixel bounds come from `size={"shortest_edge", "longest_edge"}` or the aliases `min_pixels` /
+    `max_pixels` (constructor, `from_pretrained` overrides, or call arguments); `sizes` gives one
+    optional dict per image with qwen-vl-utils' keys `resized_height`/`resized_width`/`min_pixels`/
+    `max_pixels`, which then decide that image's target size alone.
+    Shapes: pixel_values (sum of gh*gw, 3*T*14*14 = 1176) float32; image_grid_thw (n, 3) int64.
+    """
+
+    model_input_names = ["pixel_values", "image_grid_thw"]
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+        """Rows of pixel_values for an image of this size (tokens = rows / merge_size**2)."""
+        h, w = self.target_size(height, width, options=images_kwargs)
+        patch = (images_kwargs or {}).get("patch_size", self.patch_size)
+        return (h // patch) * (w // patch)
 
     # ---- processing --------------------------------------------------------------------------
     def __call__(self, images: Any, **kwargs: Any) -> dict[str, Any]:
@@ -333,7 +344,7 @@ class Qwen2VLImageProcessor:
         content item) -> {"pixel_values", "image_grid_thw"} as torch ("pt") or numpy ("np"/None).
         `sizes` holds one optional qwen-vl-utils size dict per image; `where` one label per image
         (or a prefix) for error messages. Other keyword options override the constructor's."""
-        opts = self._options(options)
+        opts = self.resolve_options(options)
         flat = flatten_images(images)
         if not flat:
             raise MediaError("images: got no image; pass a PIL image, an array, a path or a list of them")

@@ -266,3 +266,135 @@ def load_image(
         return array_to_pil(source, where=where)
     data = read_source(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects, where=where)
     return open_image(data, max_image_pixels=max_image_pixels, where=where, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# videos
+
+
+@dataclass
+class VideoMetadata:
+    """What was decoded from one video: `frames_indices` used, their `timestamps` (seconds) and the
+    `sampled_fps`; same field names as transformers' VideoMetadata."""
+
+    total_num_frames: int
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+    duration: float | None = None
+    video_backend: str | None = None
+    frames_indices: list[int] = field(default_factory=list)
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Seconds of each used frame (index / fps); needs the source fps."""
+        if not self.fps:
+            raise MediaError("video metadata: fps is unknown, so timestamps cannot be computed; "
+                             "pass video_metadata={'fps': ...} with array inputs")
+        return [index / self.fps for index in self.frames_indices]
+
+    @property
+    def sampled_fps(self) -> float:
+        """Effective frame rate of the used frames (the reference's formula; 24 when fps is unknown)."""
+        if not self.fps or not self.total_num_frames or not self.frames_indices:
+            return self.fps or 24
+        return len(self.frames_indices) / self.total_num_frames * self.fps
+
+    def __getitem__(self, key: str) -> Any:  # dict-style access, as transformers' Mapping
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total_num_frames": self.total_num_frames, "fps": self.fps, "width": self.width,
+                "height": self.height, "duration": self.duration, "video_backend": self.video_backend,
+                "frames_indices": list(self.frames_indices)}
+
+
+IndicesFn = Callable[[int, "float | None"], Sequence[int]]
+_VIDEO_ALLOWED = "allowed: a video file (mp4, webm, mkv, avi, mov ...) as a path, file:// URI, http(s) URL or data: URI"
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as exc:
+        raise MissingDependencyError("video decoding needs PyAV; install it with `pip install qwen2vl[video]`") from exc
+    return av
+
+
+def decode_video(
+    data: bytes | Path, indices_fn: IndicesFn | None = None, *, where: str | None = None, source: Any = None
+) -> tuple[np.ndarray, VideoMetadata]:
+    """Decode a video file with PyAV -> (uint8 (T, H, W, 3) RGB frames, metadata). `indices_fn(total,
+    fps)` picks the frames (all when None); frames equal torchcodec's for the same indices."""
+    av = _import_av()
+    source = str(data) if source is None else source
+    try:
+        with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
+            if not container.streams.video:
+                raise _fail(where, source, "contains no video stream", _VIDEO_ALLOWED)
+            stream = container.streams.video[0]
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else None
+            if total <= 0:
+                raise _fail(where, source, "video has no frames", _VIDEO_ALLOWED)
+            indices = [int(i) for i in (indices_fn(total, fps) if indices_fn else range(total))]
+            frames = _decode_indices(container, stream, indices, where, source)
+            meta = VideoMetadata(total_num_frames=int(total), fps=fps, width=stream.width, height=stream.height,
+                                 duration=total / fps if fps else None, video_backend="pyav",
+                                 frames_indices=indices)
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        raise _fail(where, source, f"cannot be decoded as a video ({exc})", _VIDEO_ALLOWED) from exc
+    return frames, meta
+
+
+def _decode_indices(container: Any, stream: Any, indices: Sequence[int], where: str | None, source: Any) -> np.ndarray:
+    """Decode sequentially from the start, keeping frames at `indices` (repeats allowed, any order)."""
+    if not indices:
+        raise _fail(where, source, "no frame was selected", "sample at least one frame")
+    wanted = set(indices)
+    last = max(indices)
+    stream.thread_type = "AUTO"
+    container.seek(0)
+    kept: dict[int, np.ndarray] = {}
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            kept[i] = frame.to_ndarray(format="rgb24")
+        if i >= last:
+            break
+    missing = [i for i in indices if i not in kept]
+    if missing:
+        raise _fail(where, source, f"only {len(kept)} of the selected frames could be decoded "
+                    f"(missing indices {missing[:5]})", "the file may be truncated; re-encode it")
+    return np.stack([kept[i] for i in indices])
+
+
+def load_video(
+    source: Any,
+    indices_fn: IndicesFn | None = None,
+    *,
+    where: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+    max_redirects: int = MAX_REDIRECTS,
+) -> tuple[np.ndarray, VideoMetadata]:
+    """A video path / file:// URI / http(s) URL / data: URI / bytes / content item -> (uint8 (T, H, W, 3),
+    metadata), decoding only the frames `indices_fn(total_frames, fps)` selects."""
+    if isinstance(source, Mapping):
+        source = source_from_item(source, VIDEO_KEYS, where=where)
+    data = read_source(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects, where=where)
+    return decode_video(data, indices_fn, where=where, source=source)
+
+
+def load_frames(frames: Sequence[Any], *, where: str | None = None, **image_options: Any) -> np.ndarray:
+    """A list of frames (PIL images, arrays, image paths/URLs) -> uint8 (T, H, W, 3); sizes must agree."""
+    arrays = [np.asarray(load_image(frame, where=f"{where or 'video'}[{i}]", **image_options))
+              for i, frame in enumerate(frames)]
+    if not arrays:
+        raise _fail(where, frames, "video has no frames", "give at least one frame")
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:
+        raise _fail(where, frames, f"frames have different sizes {shapes[:3]}", "all frames must share one size")
+    return np.stack(arrays)
