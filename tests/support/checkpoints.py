@@ -135,3 +135,22 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (float64)."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def tiny_config(tied: bool = False, **text_overrides):
+    """Our own Qwen2VLConfig at test scale (no transformers involved)."""
+    from qwen2vl.config import Qwen2VLConfig
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+    text.update(text_overrides)
+    vision = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=text["hidden_size"])
+    return Qwen2VLConfig.from_dict({"text_config": text, "vision_config": vision, "tie_word_embeddings": tied, **IDS})
+
+
+def tiny_model(seed: int = 0, **kwargs):
+    from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(tiny_config(**kwargs)).eval()
