@@ -219,10 +219,10 @@ class VisualProcessorBase:
     @staticmethod
     def _check_size(size: Mapping[str, int]) -> None:
         low, high = size.get("shortest_edge"), size.get("longest_edge")
-        if not low or not high or low > high:
+        if not low or not high or low < 0 or high < 0:  # low > high is allowed: the max bound wins
             raise ConfigError(
-                f"processor size={dict(size)}; needs 'shortest_edge' (min_pixels) <= "
-                "'longest_edge' (max_pixels), both positive"
+                f"processor size={dict(size)}; needs positive 'shortest_edge' (min_pixels) and "
+                "'longest_edge' (max_pixels)"
             )
 
     @property
