@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qwen2vl.errors import ChatTemplateError, InputError, MediaError, MissingDependencyError
+from qwen2vl.errors import ChatTemplateError, CheckpointError, InputError, MediaError, MissingDependencyError
 from qwen2vl.processing import chat, media
 from qwen2vl.processing.image import Qwen2VLImageProcessor, flatten_images
 from qwen2vl.processing.tokenizer import BatchFeature, Qwen2Tokenizer, as_tensor, resolve_directory, to_list
@@ -68,19 +68,23 @@ class Qwen2VLProcessor:
         tokenizer_keys = {k: kwargs.pop(k) for k in ("padding_side", "model_max_length") if k in kwargs}
         tokenizer = Qwen2Tokenizer.from_pretrained(folder, **tokenizer_keys)
         image_opts, video_opts = _route_options(kwargs, warn=False)
-        has_image = (folder / "preprocessor_config.json").is_file()
-        has_video = has_image or (folder / "video_preprocessor_config.json").is_file()
-        image_processor = (Qwen2VLImageProcessor.from_pretrained(folder, **image_opts) if has_image
-                           else Qwen2VLImageProcessor(**image_opts))
-        video_processor = (Qwen2VLVideoProcessor.from_pretrained(folder, **video_opts) if has_video
-                           else Qwen2VLVideoProcessor(**video_opts))
+        nested = _read_json(folder / "processor_config.json")  # transformers 5's save layout
+        image_config = _read_json(folder / "preprocessor_config.json") or nested.get("image_processor") or {}
+        video_config = (_read_json(folder / "video_preprocessor_config.json") or nested.get("video_processor")
+                        or image_config)
+        image_processor = Qwen2VLImageProcessor.from_dict(image_config, **image_opts)
+        video_processor = Qwen2VLVideoProcessor.from_dict(video_config, **video_opts)
         return cls(image_processor, tokenizer, video_processor, chat_template=template or tokenizer.chat_template)
 
     def save_pretrained(self, directory: str | Path) -> list[str]:
         """preprocessor_config.json, video_preprocessor_config.json, tokenizer files and chat_template.json."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        files = [str(self.image_processor.save_pretrained(out))]
+        image_file = Path(self.image_processor.save_pretrained(out))
+        config = json.loads(image_file.read_text(encoding="utf-8"))
+        config["processor_class"] = "Qwen2VLProcessor"  # lets transformers' AutoProcessor pick the processor
+        image_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        files = [str(image_file)]
         if hasattr(self.video_processor, "save_pretrained"):
             files.append(str(self.video_processor.save_pretrained(out)))
         files.extend(self.tokenizer.save_pretrained(out))
@@ -473,6 +477,13 @@ def _route_options(kwargs: Mapping[str, Any], warn: bool = True) -> tuple[dict[s
     if ignored and warn:
         logger.warning("Qwen2VLProcessor: ignoring unknown options %s", ignored)
     return image_opts, video_opts
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc}); fix or remove the file") from None
 
 
 def _finalize(data: dict[str, Any], return_tensors: str | None) -> BatchFeature:
