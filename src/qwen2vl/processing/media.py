@@ -51,7 +51,7 @@ _ALLOWED_SOURCES = (
 
 def _fail(where: str | None, source: Any, what: str, allowed: str = _ALLOWED_SOURCES) -> MediaError:
     """Build a MediaError `<where>: <source>: <what>; <allowed>` (source shortened to 80 chars)."""
-    text = source if isinstance(source, str) else type(source).__name__
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     text = text if len(text) <= 80 else text[:60] + "..." + text[-12:]
     prefix = f"{where}: " if where else ""
     return MediaError(f"{prefix}{text!r}: {what}; {allowed}")
@@ -167,8 +167,11 @@ def read_source(
         raise _fail(where, source, f"unsupported URL scheme {scheme!r}", "use http(s)://, file://, data: or a path")
     else:
         path = Path(source).expanduser()
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError:  # e.g. a base64 string longer than a file name may be
+        pass
     # Not a file: the reference also accepts bare base64 text (no '.' or ':' can occur in it).
     if scheme == "" and len(source) >= 16 and _BASE64_CHARS.issuperset(source):
         return _decode_base64(source, where, source)
