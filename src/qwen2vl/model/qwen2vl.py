@@ -70,14 +70,24 @@ class Qwen2VLModel(nn.Module):
             mm_token_type_ids, attention_mask, image_grid_thw, video_grid_thw,
             merge_size=self.config.vision_config.spatial_merge_size, rule=rule or self.config.text_start_rule)
 
+    def _placeholder_mask(self, embeds: torch.Tensor, token_id: int) -> torch.Tensor:
+        """(B, L) bool: rows of inputs_embeds equal to the placeholder's embedding (transformers' rule)."""
+        ref = self.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
+        return (embeds == ref.to(embeds.dtype)).all(-1)
+
+    def _types_from_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        types = torch.zeros(embeds.shape[:2], dtype=torch.int32, device=embeds.device)
+        types[self._placeholder_mask(embeds, self.config.image_token_id)] = rope.IMAGE
+        types[self._placeholder_mask(embeds, self.config.video_token_id)] = rope.VIDEO
+        return types
+
     def _scatter(self, embeds: torch.Tensor, input_ids: torch.Tensor | None, features: tuple[torch.Tensor, ...],
                  token_id: int, kind: str) -> torch.Tensor:
         feats = torch.cat(features).to(embeds.device, embeds.dtype)
         if input_ids is not None:
             where = input_ids == token_id
         else:  # find placeholders by their embedding, as transformers does
-            ref = self.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
-            where = (embeds == ref).all(-1)
+            where = self._placeholder_mask(embeds, token_id)
         count = int(where.sum())
         if count != feats.shape[0]:
             raise InputError(f"{kind}: the prompt has {count} placeholder tokens (id {token_id}) but the grids imply "
@@ -89,7 +99,7 @@ class Qwen2VLModel(nn.Module):
                    video_grid_thw, rope_deltas, mm_token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        if past == 0 and input_ids is not None:
+        if past == 0 and (input_ids is not None or mm_token_type_ids is not None):
             mask = attention_mask[:, -length:] if attention_mask is not None else None
             positions, deltas = self.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw,
                                                     video_grid_thw, mask)
@@ -121,6 +131,9 @@ class Qwen2VLModel(nn.Module):
             raise InputError("Qwen2VLModel: got both or neither of input_ids and inputs_embeds; pass exactly one")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        elif mm_token_type_ids is None and position_ids is None and (pixel_values is not None
+                                                                     or pixel_values_videos is not None):
+            mm_token_type_ids = self._types_from_embeds(inputs_embeds)
         if pixel_values is not None:
             feats = self.get_image_features(pixel_values, image_grid_thw).pooler_output
             inputs_embeds = self._scatter(inputs_embeds, input_ids, feats, self.config.image_token_id, "images")
@@ -139,7 +152,7 @@ class Qwen2VLModel(nn.Module):
         if position_ids is None:
             position_ids, deltas = self._positions(input_ids, inputs_embeds, attention_mask, cache, past,
                                                    image_grid_thw, video_grid_thw, rope_deltas, mm_token_type_ids)
-            if cache is not None and past == 0 and input_ids is not None:
+            if cache is not None and past == 0:
                 cache.rope_deltas = deltas
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=cache, use_cache=use_cache,
