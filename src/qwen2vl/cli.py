@@ -428,7 +428,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     device = _device(args.device)
     dtype = str(_dtype(args.dtype, device)).removeprefix("torch.")
     report = describe(config, dtype)
-    report.update(model=model_id, device=device, checkpoint_dtype=_checkpoint_dtype(model_id))
+    report.update(model=model_id, device=device, checkpoint_dtype=config.dtype)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -452,14 +452,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-
-def _checkpoint_dtype(model_id: str) -> str | None:
-    path = Path(model_id) / "config.json"
-    if not path.is_file():
-        return None
-    raw = json.loads(path.read_text())
-    return raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("dtype")
 
 
 def describe(config: Any, dtype: str = "float32") -> dict:
