@@ -143,6 +143,7 @@ def test_batch_records_the_broken_line_and_resumes_after_truncation(tmp_path):
         assert records[line]["text"] == expected and records[line]["finish_reason"] == "length"
         assert records[line]["completion_tokens"] == len(expected)
     assert "done: 4 answered, 1 failed, 0 already done" in proc.stderr
+    assert "req/s" in proc.stderr  # the progress bar (tqdm, or the plain line without it)
 
     # simulate an interruption: line 1's answer is marked, the last line is cut half-way
     kept = out.read_text().splitlines(keepends=True)

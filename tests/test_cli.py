@@ -209,3 +209,20 @@ def test_info_from_config_alone(tmp_path, preset, billions):
     t = config.text_config
     # K and V, every layer, kv_heads x head_dim values of 2 bytes
     assert report["memory"]["kv_cache_bytes_per_token"] == 2 * t.num_hidden_layers * t.num_key_value_heads * 128 * 2
+
+
+# --------------------------------------------------------------------------- batch progress line
+
+
+def test_progress_without_tqdm_prints_rate_and_eta(monkeypatch, capsys):
+    from qwen2vl import cli
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` now raises ImportError
+    progress = cli._Progress(total=2)
+    assert progress.bar is None
+    progress.update({"line": 1, "text": "a"})
+    progress.update({"line": 2, "error": "boom"})
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("1/2 requests, 0 errors, ") and "req/s, ETA " in lines[0]
+    assert lines[1].startswith("2/2 requests, 1 errors, ") and lines[1].endswith("ETA 0 s")

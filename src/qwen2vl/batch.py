@@ -112,13 +112,13 @@ def load_pipeline(
     from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
     from qwen2vl.processing.processor import Qwen2VLProcessor
 
-    proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    processor = Qwen2VLProcessor.from_pretrained(model, **proc_kwargs)
     model_kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
-    net = Qwen2VLForConditionalGeneration.from_pretrained(model, **model_kwargs)
+    net = Qwen2VLForConditionalGeneration.from_pretrained(model, **model_kwargs)  # first: its errors are clearer
     net.eval()
+    proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    processor = Qwen2VLProcessor.from_pretrained(model, **proc_kwargs)
     return net, processor
 
 
