@@ -44,14 +44,21 @@ def _eager(q, k, v, mask, scale, dropout, training):
     return torch.matmul(weights, v), weights
 
 
-def _flash(q, k, v, mask, scale, causal, dropout):
+def _flash(q, k, v, mask, scale, dropout, causal):
+    """flash_attn_func on (B, H, L, D) inputs; only masks equal to the bottom-right causal pattern
+    (no padding) can be expressed, anything else is refused."""
     from flash_attn import flash_attn_func  # lazy: optional extra
 
-    if mask is not None and not bool(mask.all()):
-        raise ConfigError("attention: flash_attention_2 got a padding mask; use 'sdpa' for padded batches")
+    lq, lk = q.shape[2], k.shape[2]
+    if mask is not None:
+        pattern = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
+        if not bool((mask == pattern).all()):
+            raise ConfigError("attention: flash_attention_2 cannot apply a padding / per-slot mask "
+                              "(left-padded batch or StaticCache); use attn_implementation='sdpa'")
+        causal = True
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
-                          softmax_scale=scale, causal=causal)
-    return out.transpose(1, 2)
+                          softmax_scale=scale, causal=causal and lq > 1)
+    return out  # (B, L, H, D)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float,
@@ -64,8 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
     """
     groups = q.shape[1] // k.shape[1]
     if backend == "flash_attention_2":
-        full = mask if mask is not None else None
-        return _flash(q, k, v, full, scale, causal, dropout).transpose(1, 2), None
+        return _flash(q, k, v, mask, scale, dropout if training else 0.0, causal), None
     if mask is None and causal and q.shape[2] > 1 and (backend == "eager" or q.shape[2] != k.shape[2]):
         lq, lk = q.shape[2], k.shape[2]
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)[None, None]
