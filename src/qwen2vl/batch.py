@@ -76,17 +76,8 @@ class Result:
 # --------------------------------------------------------------------------- model + processor
 
 
-def resolve_model(model: str | None) -> str:
-    """A local folder, a hub id, or (None) the built-in model's folder; CheckpointError otherwise."""
-    if model is None:
-        try:
-            from qwen2vl.builtin import builtin_model_dir  # lazy: the built-in model is optional
-        except ImportError as exc:
-            raise CheckpointError(
-                "--model: no model given and the built-in model is not installed; "
-                "pass --model with a checkpoint folder or a hub id such as Qwen/Qwen2-VL-2B-Instruct"
-            ) from exc
-        return str(builtin_model_dir())
+def resolve_model(model: str) -> str:
+    """A local checkpoint folder or a hub id (returned as given); CheckpointError otherwise."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen2vl import batch as jobs
-from qwen2vl.errors import MediaError, Qwen2VLError
+from qwen2vl.errors import CheckpointError, MediaError, Qwen2VLError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -132,8 +132,21 @@ def _sampling(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _model_id(model: str | None) -> str:
+    """--model as given (checked), or the built-in model's folder when it is installed."""
+    if model is not None:
+        return jobs.resolve_model(model)
+    from qwen2vl.builtin import builtin_model_dir
+
+    folder = builtin_model_dir()
+    if not (folder / "config.json").is_file():
+        raise CheckpointError("--model: no model given and the built-in model is not installed; pass --model "
+                              "with a checkpoint folder or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
+    return str(folder)
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    model_id = jobs.resolve_model(args.model)
+    model_id = _model_id(args.model)
     device = _device(args.device)
     model, processor = jobs.load_pipeline(
         model_id, dtype=_dtype(args.dtype, device), device=device, min_pixels=args.min_pixels,
@@ -423,7 +436,7 @@ class _Progress:
 def cmd_info(args: argparse.Namespace) -> int:
     from qwen2vl.config import Qwen2VLConfig
 
-    model_id = jobs.resolve_model(args.model)
+    model_id = _model_id(args.model)
     config = Qwen2VLConfig.from_pretrained(model_id)
     device = _device(args.device)
     dtype = str(_dtype(args.dtype, device)).removeprefix("torch.")
