@@ -68,8 +68,9 @@ def models(generation: str | None = None, rule: str | None = None):
     return reference, ours.eval()
 
 
-def instruct_models():
-    return models(json.dumps(INSTRUCT_GENERATION))
+def instruct_models(**overrides):
+    """Models whose checkpoint ships the Instruct generation_config.json (with optional changes)."""
+    return models(json.dumps({**INSTRUCT_GENERATION, **overrides}, sort_keys=True))
 
 
 def tokenizer():
