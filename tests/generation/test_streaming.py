@@ -39,6 +39,7 @@ def test_real_tokenizer_stream_equals_decode():
 
     tok = tokenizer()
     ids = tok.encode(TEXT + " and more 😀 ünïcödé <|im_end|>")
+    assert any(tok.decode([i]) == "\ufffd" for i in ids)  # 🎉 is split into byte-fragment tokens
     detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
     pieces = [detok.push([i]) for i in ids] + [detok.flush()]
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
