@@ -140,6 +140,9 @@ def test_batch_nesting_sizes_override_and_outputs():
     np_out = proc(a, return_tensors="np", max_pixels=28 * 28 * 2)
     assert isinstance(np_out["pixel_values"], np.ndarray) and np_out["image_grid_thw"].tolist() == [[1, 2, 2]]
     assert proc.get_number_of_image_patches(60, 100) == 32
+    assert out.pixel_values is out["pixel_values"]  # BatchFeature: attribute access
+    with pytest.raises(ConfigError, match="return_tensors='tf'"):
+        proc(a, return_tensors="tf")
 
 
 def test_do_resize_false_needs_aligned_sides():

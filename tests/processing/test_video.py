@@ -86,7 +86,7 @@ def test_processor_on_arrays_with_metadata():
     meta = out["video_metadata"][0]
     assert meta.frames_indices == [0, 2, 5, 7]  # 10 frames at 5 fps, 2 fps -> 4 frames
     assert meta.timestamps == [0.0, 0.4, 1.0, 1.4] and meta.sampled_fps == 2.0
-    assert out["video_grid_thw"].tolist() == [[2, 4, 6]]
+    assert out.video_grid_thw.tolist() == [[2, 4, 6]]  # BatchFeature: attribute access
     plain = proc(video[[0, 2, 5, 7]])
     torch.testing.assert_close(out["pixel_values_videos"], plain["pixel_values_videos"], rtol=0, atol=0)
     chw = proc(torch.from_numpy(video).permute(0, 3, 1, 2), return_tensors="np")

@@ -23,6 +23,7 @@ from PIL import Image
 
 from qwen2vl.errors import ConfigError, MediaError
 from qwen2vl.processing.media import convert_rgb, load_image
+from qwen2vl.processing.tokenizer import BatchFeature
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -327,7 +328,7 @@ class Qwen2VLImageProcessor(VisualProcessorBase):
         return (h // patch) * (w // patch)
 
     # ---- processing --------------------------------------------------------------------------
-    def __call__(self, images: Any, **kwargs: Any) -> dict[str, Any]:
+    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
     def preprocess(
@@ -339,12 +340,13 @@ class Qwen2VLImageProcessor(VisualProcessorBase):
         where: str | Sequence[str] | None = None,
         input_data_format: str | None = None,
         **options: Any,
-    ) -> dict[str, Any]:
+    ) -> BatchFeature:
         """Images (one, a list, or a nested per-sample list of PIL / numpy / torch / path / URL /
         content item) -> {"pixel_values", "image_grid_thw"} as torch ("pt") or numpy ("np"/None).
         `sizes` holds one optional qwen-vl-utils size dict per image; `where` one label per image
         (or a prefix) for error messages. Other keyword options override the constructor's."""
         opts = self.resolve_options(options)
+        check_return_tensors(return_tensors)
         flat = flatten_images(images)
         if not flat:
             raise MediaError("images: got no image; pass a PIL image, an array, a path or a list of them")
@@ -364,8 +366,8 @@ class Qwen2VLImageProcessor(VisualProcessorBase):
         if return_tensors in ("pt", "torch"):
             import torch
 
-            return {"pixel_values": torch.from_numpy(pixel_values), "image_grid_thw": torch.from_numpy(grid)}
-        return {"pixel_values": pixel_values, "image_grid_thw": grid}
+            return BatchFeature(pixel_values=torch.from_numpy(pixel_values), image_grid_thw=torch.from_numpy(grid))
+        return BatchFeature(pixel_values=pixel_values, image_grid_thw=grid)
 
     def _process_one(
         self, image: Any, opts: Mapping[str, Any], item: Mapping[str, Any] | None,
@@ -409,6 +411,12 @@ def _normalize_float(values: np.ndarray, opts: Mapping[str, Any]) -> np.ndarray:
     if opts["do_normalize"]:
         out = (out - np.asarray(opts["image_mean"], np.float32)) / np.asarray(opts["image_std"], np.float32)
     return out
+
+
+def check_return_tensors(return_tensors: Any) -> None:
+    """Raise ConfigError unless return_tensors is "pt" (torch), "np" or None (numpy)."""
+    if return_tensors not in ("pt", "torch", "np", None):
+        raise ConfigError(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None")
 
 
 def flatten_images(images: Any) -> list[Any]:

@@ -15,7 +15,6 @@ import base64
 import binascii
 import io
 import logging
-import math
 import os
 import time
 import urllib.error
@@ -100,6 +99,7 @@ def fetch_url(
     `max_redirects` redirects; any failure is a MediaError naming the URL."""
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise _fail(where, url, "unsupported URL scheme", "only http:// and https:// URLs are fetched")
+    logger.debug("fetching %s (timeout %.1f s, max %d bytes)", url, timeout, max_bytes)
     opener = urllib.request.build_opener(_BoundedRedirects(max_redirects))
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "qwen2vl"})
@@ -203,7 +203,8 @@ def open_image(
     source: Any = None,
 ) -> Image.Image:
     """Decode image bytes or a file into an RGB PIL image with EXIF orientation applied. The header is
-    read first and the pixel count checked against `max_image_pixels` BEFORE any pixel is decoded."""
+    read first and the pixel count checked against `max_image_pixels` BEFORE any pixel is decoded.
+    Pillow refuses images above its own Image.MAX_IMAGE_PIXELS * 2 regardless (also a MediaError)."""
     source = str(data) if source is None and isinstance(data, Path) else source
     allowed = "give a PNG, JPEG, WebP, GIF, BMP or TIFF image file"
     try:

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from qwen2vl.errors import ConfigError, MediaError
-from qwen2vl.processing.image import VisualProcessorBase
+from qwen2vl.errors import MediaError
+from qwen2vl.processing.image import VisualProcessorBase, check_return_tensors
 from qwen2vl.processing.media import VideoMetadata, load_frames, load_video
+from qwen2vl.processing.tokenizer import BatchFeature
 
 FRAME_KEYS = ("fps", "num_frames", "nframes", "min_frames", "max_frames")
 
@@ -71,7 +72,7 @@ def sample_frame_indices(
     return torch.arange(0, total_frames, total_frames / n).int().tolist()
 
 
-def _to_thwc(video: Any, where: str) -> np.ndarray | torch.Tensor:
+def _to_tchw(video: Any, where: str) -> torch.Tensor:
     """(T, H, W, C) or (T, C, H, W) numpy/torch video -> uint8 torch (T, 3, H, W)."""
     tensor = video if isinstance(video, torch.Tensor) else torch.from_numpy(np.asarray(video))
     if tensor.ndim != 4:
@@ -139,7 +140,7 @@ class Qwen2VLVideoProcessor(VisualProcessorBase):
         "cap_pixels_per_frame": False, "max_video_tokens": 128000,
     }
 
-    def __call__(self, videos: Any, **kwargs: Any) -> dict[str, Any]:
+    def __call__(self, videos: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(videos, **kwargs)
 
     def preprocess(
@@ -152,13 +153,14 @@ class Qwen2VLVideoProcessor(VisualProcessorBase):
         video_metadata: Any = None,
         return_metadata: bool = False,
         **options: Any,
-    ) -> dict[str, Any]:
+    ) -> BatchFeature:
         """Videos (one or a list of: path/URL/content item, (T,H,W,C)/(T,C,H,W) array, list of frames)
         -> {"pixel_values_videos", "video_grid_thw"[, "video_metadata"]}."""
         if (options.get("fps") is not None or options.get("num_frames") is not None) \
                 and options.get("do_sample_frames") is None:
             options["do_sample_frames"] = True
         opts = self.resolve_options(options)
+        check_return_tensors(return_tensors)
         flat = flatten_videos(videos)
         if not flat:
             raise MediaError("videos: got no video; pass a path, URL, (T, H, W, C) array or a list of frames")
@@ -179,10 +181,9 @@ class Qwen2VLVideoProcessor(VisualProcessorBase):
             grids.append(grid)
             used.append(meta)
         pixel_values = rows[0] if count == 1 else torch.cat(rows)
-        out: dict[str, Any] = {"pixel_values_videos": pixel_values,
-                               "video_grid_thw": torch.tensor(grids, dtype=torch.int64)}
+        out = BatchFeature(pixel_values_videos=pixel_values, video_grid_thw=torch.tensor(grids, dtype=torch.int64))
         if return_tensors not in ("pt", "torch"):
-            out = {key: value.numpy() for key, value in out.items()}
+            out = BatchFeature({key: value.numpy() for key, value in out.items()})
         if return_metadata:
             out["video_metadata"] = used
         return out
@@ -208,9 +209,9 @@ class Qwen2VLVideoProcessor(VisualProcessorBase):
             if sample:
                 raise MediaError(f"{where}: a video given as a list of frames cannot be sampled (fps={fps}, "
                                  f"num_frames={num_frames}); pass the frames you want, or a video file")
-            tensor = _to_thwc(load_frames(video, where=where), where)
+            tensor = _to_tchw(load_frames(video, where=where), where)
         else:
-            tensor = _to_thwc(video, where)
+            tensor = _to_tchw(video, where)
         given = dict(meta_in.to_dict() if isinstance(meta_in, VideoMetadata) else meta_in or {})
         total = tensor.shape[0]
         indices = indices_fn(total, given.get("fps")) if sample else list(range(total))
