@@ -120,3 +120,13 @@ def test_missing_files_are_checkpoint_errors(tmp_path):
         Qwen2Tokenizer.from_pretrained(tmp_path / "nope")
     with pytest.raises(InputError, match=r"text\[1\]"):
         tokenizer()(["a", 3])
+
+
+def test_padding_and_truncation_stored_in_tokenizer_json_are_ignored(tmp_path):
+    doc = json.loads((tokenizer_dir() / "tokenizer.json").read_text())
+    doc["padding"] = {"strategy": {"Fixed": 16}, "direction": "Left", "pad_to_multiple_of": None, "pad_id": 151643,
+                      "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    doc["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok = Qwen2Tokenizer.from_pretrained(tmp_path)
+    assert tok(["Hello, world!", "Hi"])["input_ids"] == [[9707, 11, 1879, 0], [13048]]

@@ -105,6 +105,10 @@ class Qwen2Tokenizer:
     """Qwen2 tokenizer with transformers' call/encode/decode API; left padding with <|endoftext|>."""
 
     def __init__(self, tokenizer: Any, config: dict | None = None, chat_template: str | None = None):
+        # tokenizer.json may carry padding/truncation settings (transformers saves its last call's); we pad
+        # and truncate ourselves, so the backend must do neither
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self._tokenizer = tokenizer  # tokenizers.Tokenizer
         self.init_kwargs = dict(config or {})
         cfg = self.init_kwargs
