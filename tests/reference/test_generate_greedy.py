@@ -106,3 +106,15 @@ def test_mm_token_type_ids_are_derived_when_absent():
     expected = reference.generate(**inputs, **kwargs)
     inputs.pop("mm_token_type_ids")
     assert torch.equal(ours.generate(**inputs, **kwargs), expected)
+
+
+def test_inputs_embeds_without_ids_matches_transformers():
+    # transformers returns only the new tokens in this case; so do we
+    reference, ours = models()
+    inputs = batch_inputs([prompt_ids([SYSTEM, {"role": "user", "content": "Say hi"}], [])], [])
+    embeds = ours.get_input_embeddings()(inputs["input_ids"]).detach()
+    kwargs = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "max_new_tokens": 32,
+              "min_new_tokens": 32, "do_sample": False}
+    expected = reference.generate(**kwargs)
+    got = ours.generate(**kwargs)
+    assert got.shape == (1, 32) and torch.equal(got, expected)

@@ -187,7 +187,12 @@ def prepare_inputs(model: Any, kwargs: dict[str, Any], config: GenerationConfig)
 
 
 def _check_config(config: GenerationConfig, tokenizer: Any) -> None:
-    """Combinations the loop cannot run (the single-field ranges are checked by GenerationConfig)."""
+    """Combinations the loop cannot run (the single-field ranges are checked by GenerationConfig).
+
+    eos/pad rules: an eos_token_id kwarg replaces the file's (no conflict); pad_token_id may equal an
+    eos id (the hub files do: pad 151643 is the second eos); pad unset -> eos[0]. The one conflict is
+    stop_strings (which finish rows) with neither pad nor eos to pad the finished rows.
+    """
     if config.num_beams != 1:
         raise ConfigError(f"generate: num_beams={config.num_beams} is not supported; allowed: num_beams=1 "
                           "(greedy or sampling)")
@@ -200,6 +205,10 @@ def _check_config(config: GenerationConfig, tokenizer: Any) -> None:
     if config.pad_token_id is None and config.eos_token_id is None and config.stop_strings is not None:
         raise InputError("generate: stop_strings can finish rows early but neither pad_token_id nor eos_token_id "
                          "is set, so finished rows cannot be padded; set pad_token_id")
+    if config.min_new_tokens is not None and config.max_new_tokens is not None \
+            and config.min_new_tokens > config.max_new_tokens:  # transformers only warns here, so do we
+        logger.warning("generate: min_new_tokens=%d > max_new_tokens=%d; generation stops at max_new_tokens",
+                       config.min_new_tokens, config.max_new_tokens)
 
 
 def sampling_params(config: GenerationConfig) -> sampling.SamplingParams:
@@ -210,7 +219,11 @@ def sampling_params(config: GenerationConfig) -> sampling.SamplingParams:
 
 def _select_rows(cache: StaticCache, keep: torch.Tensor) -> None:
     """Drop finished rows from the cache in place: the kept rows move to the front and the cache
-    continues on views of the first n rows (no new allocation per token; at most B-1 times per call)."""
+    continues on views of the first n rows (no new allocation per token; at most B-1 times per call).
+    Uses the cache's own `select_rows` when it has one (else its documented tensors)."""
+    if hasattr(cache, "select_rows"):
+        cache.select_rows(keep)
+        return
     n = int(keep.numel())
     for layer in range(len(cache.key_cache)):
         for store in (cache.key_cache, cache.value_cache):
@@ -336,6 +349,9 @@ def generate(model: Any, *args: Any, streamer: Any = None, **kwargs: Any) -> tor
     Finished rows are padded with pad_token_id (eos[0] when unset); the call ends when every row has
     finished or max_new_tokens were generated. Extra keywords: seed= / generator= (sampling RNG),
     tokenizer= (needed for stop_strings). `streamer` gets put(prompt ids), put(each step's ids), end().
+    Rows that finish leave the running batch (their cache rows are compacted away), except with
+    output_scores/output_logits, where every row runs to the end as in transformers. use_cache=False
+    is accepted and ignored: the cached loop gives the same tokens.
     """
     prep, steps, _, config = _decode_steps(model, args, kwargs)
     if streamer is not None:
