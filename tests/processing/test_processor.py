@@ -174,3 +174,12 @@ def test_decoding_helpers(proc):
     assert proc.batch_decode(ids) == ["<|im_start|>Hello<|im_end|>"]
     assert proc.post_process_image_text_to_text(ids) == ["Hello"]
     assert proc.decode(ids[0], skip_special_tokens=True) == "Hello"
+
+
+def test_per_video_frame_keys_are_honoured_and_counted(proc, tmp_path):
+    path = make_video(tmp_path / "v.mp4", num_frames=8, fps=4, width=56, height=56)
+    conv = [{"role": "user", "content": [{"type": "video", "video": str(path), "nframes": 2},
+                                         {"type": "video", "video": str(path)}]}]
+    out = proc.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt")
+    assert out.video_grid_thw.tolist() == [[1, 4, 4], [4, 4, 4]]  # 2 sampled frames; all 8 frames
+    assert proc.count_conversation_tokens(conv).num_video_tokens == [4, 16]

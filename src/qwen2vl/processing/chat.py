@@ -158,7 +158,9 @@ def render_conversations(
     extra = _plain(template_kwargs)
     rendered = []
     for i, conversation in enumerate(conversations):
-        messages = _plain(normalize_conversation(conversation, i))
+        messages = normalize_conversation(conversation, i)
+        validate_messages(messages, i)
+        messages = _plain(messages)
         try:
             rendered.append(compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra))
         except jinja2.exceptions.TemplateError as exc:

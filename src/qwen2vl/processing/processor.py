@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,15 +157,11 @@ class Qwen2VLProcessor:
                     raise InputError(f"text: found {sum(per_row)} {token} placeholders (per prompt: {per_row}) "
                                      f"but no {kind} were passed; pass {kind}= or remove the placeholders")
                 continue
-            given = _count_items(items, kind)
-            if sum(per_row) != sum(given):
-                nested = _nested_counts(items, kind)
-                detail = ""
-                if nested is not None and len(nested) == len(per_row):
-                    bad = next(i for i, (a, b) in enumerate(zip(per_row, nested)) if a != b) if per_row != nested else None
-                    detail = f" (conversation {bad}: {per_row[bad]} placeholders, {nested[bad]} {kind})" if bad is not None else ""
+            given = len(flatten_images(items) if kind == "images" else flatten_videos(items))
+            if sum(per_row) != given:
                 raise InputError(f"text: found {sum(per_row)} {token} placeholders (per prompt: {per_row}) but "
-                                 f"{sum(given)} {kind} were passed{detail}; give one {kind[:-1]} per placeholder")
+                                 f"{given} {kind} were passed{_first_mismatch(per_row, items, kind)}; "
+                                 f"give one {kind[:-1]} per placeholder")
 
     def _check_truncation(self, texts: list[str], input_ids: Any) -> None:
         for token, token_id in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
@@ -321,10 +317,22 @@ def count_conversation_tokens(image_processor: Any, video_processor: Any,
                         image_sizes.append(_image_header_size(block[key], key, where))
                         image_items.append(items)
                     else:
-                        video_sizes.append(_video_header_size(block[key], where, options, video_processor))
+                        frame_opts = _item_frame_options(block, options)
+                        video_sizes.append(_video_header_size(block[key], where, frame_opts, video_processor))
                         video_items.append(items)
     return count_visual_tokens(image_processor, video_processor, image_sizes, video_sizes,
                                image_items=image_items, video_items=video_items, **options)
+
+
+def _item_frame_options(block: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Frame-sampling options for one video: its own qwen-vl-utils keys win over the call's (as in video.py)."""
+    own = {k: block[k] for k in FRAME_ITEM_KEYS if block.get(k) is not None}
+    if not any(k in own for k in ("fps", "nframes", "num_frames")):
+        return dict(options)
+    merged = {k: v for k, v in options.items() if k not in ("fps", "num_frames")}
+    merged.update(fps=own.get("fps"), num_frames=own.get("nframes") or own.get("num_frames"))
+    merged.update({k: own[k] for k in ("min_frames", "max_frames") if k in own})
+    return merged
 
 
 def _image_header_size(source: Any, key: str, where: str) -> tuple[int, int]:
@@ -450,18 +458,17 @@ def _as_text_list(text: Any) -> list[str] | None:
     return texts
 
 
-def _count_items(items: Any, kind: str) -> list[int]:
-    return [len(flatten_images(items) if kind == "images" else flatten_videos(items))]
-
-
-def _nested_counts(items: Any, kind: str) -> list[int] | None:
-    """Per-conversation item counts when `items` is nested one list per prompt, else None."""
-    if not isinstance(items, (list, tuple)) or not all(isinstance(x, (list, tuple)) for x in items):
-        return None
+def _first_mismatch(per_row: list[int], items: Any, kind: str) -> str:
+    """' (conversation i: a placeholders, b images)' when `items` is nested one list per prompt."""
+    if not isinstance(items, (list, tuple)) or len(items) != len(per_row):
+        return ""
+    if not all(isinstance(x, (list, tuple)) for x in items) or (kind == "videos" and len(flatten_videos(items)) == 1):
+        return ""  # flat, or a single video given as a list of frames
     flatten = flatten_images if kind == "images" else flatten_videos
-    if kind == "videos" and len(flatten_videos(items)) == 1:
-        return None  # a single video given as a list of frames
-    return [len(flatten(x)) for x in items]
+    for i, (wanted, sample) in enumerate(zip(per_row, items)):
+        if wanted != len(flatten(sample)):
+            return f" (conversation {i}: {wanted} placeholders, {len(flatten(sample))} {kind})"
+    return ""
 
 
 def _route_options(kwargs: Mapping[str, Any], warn: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
