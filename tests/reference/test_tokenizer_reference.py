@@ -137,3 +137,14 @@ def test_call_padding_and_truncation_match_transformers(kwargs, auto_ref):
     theirs = ref(texts, return_tensors="pt", **kwargs)
     assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
     assert ours["attention_mask"].tolist() == theirs["attention_mask"].tolist()
+
+
+def test_incremental_decoding_joins_to_the_full_decode(auto_ref):
+    ours = tokenizer()
+    lone_byte = read_ranks(default_tiktoken_path())[b"\xf0"]  # first byte of a 4-byte character, never completed
+    rows = auto_ref(CORPUS[:200])["input_ids"] + [[9707, lone_byte]]
+    for skip in (False, True):
+        for ids in rows:
+            stream = ours.decode_stream(skip_special_tokens=skip)
+            text = "".join(stream.step(i) for i in ids) + stream.finish()
+            assert text == auto_ref.decode(ids, skip_special_tokens=skip)

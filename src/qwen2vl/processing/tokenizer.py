@@ -284,6 +284,10 @@ class Qwen2Tokenizer:
             logger.debug("clean_up_tokenization_spaces is ignored for byte-level BPE, as in transformers 5")
         return text
 
+    def decode_stream(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        """A detokeniser fed one id at a time whose pieces join to `decode(all ids)` (for streaming)."""
+        return IncrementalDecoder(self._tokenizer, skip_special_tokens)
+
     # ---- chat ----
     def apply_chat_template(self, conversation: Any, chat_template: str | None = None,
                             add_generation_prompt: bool = False, tokenize: bool = True,
@@ -308,6 +312,32 @@ class Qwen2Tokenizer:
         if isinstance(self.chat_template, str):
             return self.chat_template
         return chat.QWEN2_VL_CHAT_TEMPLATE
+
+
+class IncrementalDecoder:
+    """Streaming detokeniser: `step(id)` returns the newly completed text ("" while a UTF-8 character is
+    still split across byte tokens); `finish()` returns what is left (U+FFFD for a cut character)."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = False):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._pending: list[int] = []  # ids fed since the last emitted text
+
+    def step(self, token_id: int) -> str:
+        self._pending.append(int(token_id))
+        text = self._stream.step(self._tokenizer, int(token_id))
+        if text is None:
+            return ""
+        self._pending.clear()
+        return text
+
+    def finish(self) -> str:
+        text = self._tokenizer.decode(self._pending, skip_special_tokens=self._skip) if self._pending else ""
+        self._pending.clear()
+        return text
 
 
 class AutoTokenizer:
