@@ -150,6 +150,19 @@ def test_urls(folder):
         assert frames.shape == (8, 32, 64, 3) and meta.total_num_frames == 8
 
 
+def test_private_hosts_blocked_on_request(folder):
+    with serve_folder(folder) as base:
+        assert media.load_image(f"{base}/photo.png").size == (40, 30)  # allowed by default
+        with pytest.raises(MediaError, match="non-public address 127.0.0.1.*block_private_hosts=True"):
+            media.load_image(f"{base}/photo.png", block_private_hosts=True)
+        with pytest.raises(MediaError, match="non-public address"):
+            media.load_video(f"{base}/clip.mp4", block_private_hosts=True)
+    for url in ("http://10.1.2.3/a.png", "http://[::1]/a.png", "http://169.254.169.254/latest"):
+        with pytest.raises(MediaError, match="non-public"):
+            media.check_public_host(url)
+    media.check_public_host("http://8.8.8.8/a.png")  # a public literal passes without DNS
+
+
 def test_connection_refused():
     with serve_folder(".") as base:
         dead = base

@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -74,16 +76,34 @@ def source_from_item(item: Mapping[str, Any], keys: Sequence[str] = IMAGE_KEYS, 
 # bytes from a source
 
 
-class _BoundedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow at most `max_redirections` redirects, only to http(s) targets."""
+def check_public_host(url: str, *, where: str | None = None) -> None:
+    """SSRF guard: raise MediaError unless every address the URL's host resolves to is public
+    (not loopback, private, link-local, reserved). A DNS answer may still change between this check
+    and the connection; servers that need a hard guarantee should also filter egress."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError) as exc:
+        raise _fail(where, url, f"host {host!r} cannot be resolved ({exc})", "check the URL") from exc
+    for address in sorted(addresses):
+        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            raise _fail(where, url, f"host {host!r} resolves to the non-public address {address}",
+                        "only public hosts are fetched when block_private_hosts=True")
 
-    def __init__(self, max_redirections: int):
+
+class _BoundedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow at most `max_redirections` redirects, only to http(s) (and, if asked, public) targets."""
+
+    def __init__(self, max_redirections: int, block_private_hosts: bool = False, where: str | None = None):
         self.max_redirections = max_redirections
         self.max_repeats = max_redirections
+        self.block_private_hosts, self.where = block_private_hosts, where
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
             raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl!r}", headers, fp)
+        if self.block_private_hosts:
+            check_public_host(newurl, where=self.where)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -93,14 +113,18 @@ def fetch_url(
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = MAX_DOWNLOAD_BYTES,
     max_redirects: int = MAX_REDIRECTS,
+    block_private_hosts: bool = False,
     where: str | None = None,
 ) -> bytes:
     """GET an http(s) URL with urllib: `timeout` seconds in all, at most `max_bytes` bytes and
-    `max_redirects` redirects; any failure is a MediaError naming the URL."""
+    `max_redirects` redirects; `block_private_hosts` refuses hosts (also redirect targets) that
+    resolve to loopback/private addresses (for servers). Any failure is a MediaError naming the URL."""
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise _fail(where, url, "unsupported URL scheme", "only http:// and https:// URLs are fetched")
+    if block_private_hosts:
+        check_public_host(url, where=where)
     logger.debug("fetching %s (timeout %.1f s, max %d bytes)", url, timeout, max_bytes)
-    opener = urllib.request.build_opener(_BoundedRedirects(max_redirects))
+    opener = urllib.request.build_opener(_BoundedRedirects(max_redirects, block_private_hosts, where))
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "qwen2vl"})
     try:
@@ -144,6 +168,7 @@ def read_source(
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = MAX_DOWNLOAD_BYTES,
     max_redirects: int = MAX_REDIRECTS,
+    block_private_hosts: bool = False,
     where: str | None = None,
 ) -> bytes | Path:
     """Resolve a source to bytes (URL, data: URI, base64) or to a local Path (path, file:// URI)."""
@@ -155,7 +180,8 @@ def read_source(
         raise _fail(where, source, f"unsupported source type {type(source).__name__}")
     scheme = urllib.parse.urlsplit(source).scheme.lower() if "://" in source or source.startswith("data:") else ""
     if scheme in ("http", "https"):
-        return fetch_url(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects, where=where)
+        return fetch_url(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects,
+                         block_private_hosts=block_private_hosts, where=where)
     if scheme == "data":
         header, sep, payload = source.partition(",")
         if not sep or not header.endswith(";base64"):
@@ -254,6 +280,7 @@ def load_image(
     max_bytes: int = MAX_DOWNLOAD_BYTES,
     max_redirects: int = MAX_REDIRECTS,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    block_private_hosts: bool = False,
 ) -> Image.Image:
     """Any image source -> RGB PIL image. Sources decoded from bytes/paths/URLs get their EXIF
     orientation applied (as the reference does for string inputs); a PIL image passed in does not,
@@ -268,7 +295,8 @@ def load_image(
             return load_image(source, where=where)
     if hasattr(source, "shape") and hasattr(source, "dtype"):
         return array_to_pil(source, where=where)
-    data = read_source(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects, where=where)
+    data = read_source(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects,
+                       block_private_hosts=block_private_hosts, where=where)
     return open_image(data, max_image_pixels=max_image_pixels, where=where, source=source)
 
 
@@ -337,7 +365,8 @@ def decode_video(
             if not container.streams.video:
                 raise _fail(where, source, "contains no video stream", _VIDEO_ALLOWED)
             stream = container.streams.video[0]
-            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            # count frames from the packets (as torchcodec's exact mode scans the file); header as fallback
+            total = sum(1 for packet in container.demux(stream) if packet.size) or stream.frames
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
             if total <= 0:
@@ -383,12 +412,14 @@ def load_video(
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = MAX_DOWNLOAD_BYTES,
     max_redirects: int = MAX_REDIRECTS,
+    block_private_hosts: bool = False,
 ) -> tuple[np.ndarray, VideoMetadata]:
     """A video path / file:// URI / http(s) URL / data: URI / bytes / content item -> (uint8 (T, H, W, 3),
     metadata), decoding only the frames `indices_fn(total_frames, fps)` selects."""
     if isinstance(source, Mapping):
         source = source_from_item(source, VIDEO_KEYS, where=where)
-    data = read_source(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects, where=where)
+    data = read_source(source, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects,
+                       block_private_hosts=block_private_hosts, where=where)
     return decode_video(data, indices_fn, where=where, source=source)
 
 
