@@ -183,3 +183,9 @@ def test_per_video_frame_keys_are_honoured_and_counted(proc, tmp_path):
     out = proc.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt")
     assert out.video_grid_thw.tolist() == [[1, 4, 4], [4, 4, 4]]  # 2 sampled frames; all 8 frames
     assert proc.count_conversation_tokens(conv).num_video_tokens == [4, 16]
+
+
+def test_video_errors_name_the_content_block(proc, tmp_path):
+    conv = [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "video", "path": str(tmp_path / "nope.mp4")}]}]
+    with pytest.raises(MediaError, match=r"conversations\[0\]\.messages\[0\]\.content\[1\].*nope\.mp4"):
+        proc.apply_chat_template(conv, tokenize=True, fps=1)
