@@ -34,8 +34,20 @@ def folder(tmp_path_factory):
     (root / "notimage.png").write_bytes(b"hello, this is text")
     (root / "truncated.png").write_bytes(_png(Image.fromarray(pixels))[:200])
     make_video(root / "clip.mp4", num_frames=8, fps=4, width=64, height=32)
+    _write_audio_only(root / "audio.mp4")
     (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x17" * 500)
     return root
+
+
+def _write_audio_only(path):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
 
 
 def test_local_sources_agree(folder):
@@ -189,6 +201,11 @@ def test_bad_videos(folder):
         media.load_video(folder / "nope.mp4")
     with pytest.raises(MediaError, match=r"missing indices \[8\]"):
         media.load_video(folder / "clip.mp4", lambda total, fps: [0, 8])
+    truncated = (folder / "clip.mp4").read_bytes()
+    with pytest.raises(MediaError, match="cannot be decoded|no frames|could be decoded"):
+        media.load_video(truncated[: len(truncated) // 2])
+    with pytest.raises(MediaError, match="contains no video stream"):
+        media.load_video(folder / "audio.mp4")
     with pytest.raises(MediaError, match="different sizes"):
         media.load_frames([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))])
     with pytest.raises(MediaError, match="no frames"):
