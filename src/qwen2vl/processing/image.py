@@ -1,7 +1,7 @@
 """Qwen2-VL image preprocessing: `smart_resize` (pure), PIL bicubic resize, rescale + normalise
 through a per-channel lookup table, patchify -> `pixel_values` (N, 1176) and `image_grid_thw` (n, 3).
 
-Imports only errors and processing.media. Numerically equal to transformers 5.24's
+Imports errors and processing.{media, tokenizer (BatchFeature)}. Numerically equal to transformers 5.24's
 `Qwen2VLImageProcessorPil` (our default backend; see reference-notes "Our decisions").
 
     >>> proc = Qwen2VLImageProcessor.from_pretrained("ckpt_dir", max_pixels=1280 * 28 * 28)

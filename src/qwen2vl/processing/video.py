@@ -2,7 +2,7 @@
 antialiased bicubic on uint8 (the kernel torchvision uses on CPU), fused rescale/normalise, temporal
 patchify -> `pixel_values_videos` (N, 1176) and `video_grid_thw` (n, 3).
 
-Imports only errors and processing.{media, image}; equal to transformers 5.24's Qwen2VLVideoProcessor.
+Imports errors and processing.{media, image, tokenizer (BatchFeature)}; equal to transformers 5.24's Qwen2VLVideoProcessor.
 
     >>> proc = Qwen2VLVideoProcessor.from_pretrained("ckpt_dir")
     >>> out = proc("clip.mp4", fps=2.0, return_metadata=True)
