@@ -32,6 +32,28 @@ def test_stop_string_found_only_when_the_text_ends_with_it(stop):
     assert not any(hits[:-1])
 
 
+class WordTokenizer:
+    """Token id = index into a list of strings; decode concatenates them."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
+
+
+@pytest.mark.parametrize("tokens, hit", [
+    # transformers' StopStringCriteria examples for "stop": the match must overlap the last token
+    (["st", "op"], True), (["stop"], True), (["st", "opera"], True), (["sto", "pper"], True),
+    (["las", "topper"], True), (["s", "to", "pped"], True),
+    (["stop", "at"], False), (["st", "op", "at"], False), (["st", "opera", "tion"], False),
+])
+def test_stop_string_must_overlap_the_newest_token(tokens, hit):
+    vocab = sorted(set(tokens))
+    matcher = StopStringMatcher("stop", WordTokenizer(vocab).decode)
+    assert matcher.matches([vocab.index(t) for t in tokens]) is hit
+
+
 def test_stop_string_seen_after_a_long_generation():
     matcher = StopStringMatcher("stop", _bytes_decode)
     ids = _ids("x" * 5000 + "stop")

@@ -254,7 +254,12 @@ class _Decoder:
         self.matcher = (StopStringMatcher(config.stop_strings, tokenizer.decode)
                         if config.stop_strings is not None else None)
         self.rows = torch.arange(prep.batch_size, device=device)  # original index of each running row
-        self.generated: list[list[int]] = [[] for _ in range(prep.batch_size)] if self.matcher else []
+        self.generated: list[list[int]] = []  # per row: the prompt's real tail + new ids, for stop strings
+        if self.matcher is not None:
+            self.generated = [[] for _ in range(prep.batch_size)]
+            if prep.input_ids is not None:
+                self.generated = [row[mask.bool()][-self.matcher.window:].tolist()
+                                  for row, mask in zip(prep.input_ids, prep.attention_mask)]
         vocab = model.config.text_config.vocab_size
         self.seen = (sampling.seen_token_mask(prep.input_ids, prep.attention_mask, vocab)
                      if self.params.repetition_penalty != 1.0 and prep.input_ids is not None else None)

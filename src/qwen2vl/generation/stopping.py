@@ -22,25 +22,32 @@ def eos_hit(tokens: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
 
 
 class StopStringMatcher:
-    """Per-row check that the generated text ends with one of the stop strings.
+    """Per-row check that a stop string occurs in the text and overlaps the newest token.
 
-    Each check decodes only a short tail window of the row's generated ids (enough tokens to hold
-    the longest stop string: every token carries at least one byte, a character at most four), so
-    the cost per step does not grow with the prompt or the output. The match is on the generated
-    text only (a stop string that starts inside the prompt is not seen; transformers also looks
-    into the prompt's last tokens).
+    transformers' StopStringCriteria rule: the stop string must end inside the last token's text
+    (the token may run past it: ["st", "opera"] matches "stop") but not lie wholly before it
+    (["stop", "at"] does not match). Each check decodes only a tail window of the row's ids
+    (every token carries at least one byte of the stop string), so the cost per step does not grow
+    with the prompt or the output. Seed `ids` with the prompt's last tokens to let a stop string
+    start inside the prompt, as the reference does.
     """
 
     def __init__(self, stop_strings: str | Sequence[str], decode: DecodeFn):
         self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         self.decode = decode
-        longest = max(len(s.encode("utf-8")) for s in self.stop_strings)
-        self.window = longest + 1  # +1: the window may start inside a multi-byte character
+        self.window = max(len(s.encode("utf-8")) for s in self.stop_strings) + 2
 
-    def matches(self, generated: Sequence[int]) -> bool:
-        """True when decode(generated) ends with a stop string (checked on the tail window)."""
-        tail = self.decode(list(generated[-self.window:]))
-        return any(tail.endswith(s) for s in self.stop_strings)
+    def matches(self, ids: Sequence[int]) -> bool:
+        """True when a stop string overlaps the last id's text (ids: the row so far, newest last)."""
+        window = list(ids[-self.window:])
+        text = self.decode(window)
+        before = self.decode(window[:-1])
+        shared = 0  # where the newest token's text starts (common prefix; robust to U+FFFD fragments)
+        for a, b in zip(before, text):
+            if a != b:
+                break
+            shared += 1
+        return any(s in text[max(0, shared - len(s) + 1):] for s in self.stop_strings)
 
 
 def new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_len: int,
