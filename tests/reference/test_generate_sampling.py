@@ -50,6 +50,9 @@ def test_generate_kwargs_override_the_file_and_generation_config_argument_sits_b
     ref_cfg = RefGenerationConfig(max_new_tokens=32, min_new_tokens=32, repetition_penalty=1.3)
     assert torch.equal(ours.generate(**inputs, generation_config=cfg),
                        reference.generate(**inputs, generation_config=ref_cfg))
+    # a transformers GenerationConfig object is accepted too (drop-in code)
+    assert torch.equal(ours.generate(**inputs, generation_config=ref_cfg),
+                       reference.generate(**inputs, generation_config=ref_cfg))
 
 
 def test_without_generation_config_json_eos_and_defaults_come_from_config_json():

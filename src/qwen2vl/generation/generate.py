@@ -57,6 +57,12 @@ def resolve_generation_config(model: Any, generation_config: GenerationConfig | 
     base = getattr(model, "generation_config", None)
     if base is None:  # no generation_config.json: eos/bos/pad come from config.json (as transformers)
         base = GenerationConfig.from_model_config(model.config)
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        if not hasattr(generation_config, "to_dict"):
+            raise InputError(f"generate: generation_config is a {type(generation_config).__name__}; pass a "
+                             "qwen2vl GenerationConfig (or an object with to_dict(), e.g. transformers')")
+        generation_config = GenerationConfig.from_dict(
+            {k: v for k, v in generation_config.to_dict().items() if k in _FIELDS and v is not None})
     config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
     config.update(defaults_only=True, **{k: v for k, v in base.to_dict().items() if k in _FIELDS})
     has_default_max_length = kwargs.get("max_length") is None and config.max_length is None
