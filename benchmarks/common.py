@@ -57,17 +57,17 @@ def run_child(script: str, args: list[str], timeout: float = 3600.0) -> dict:
                        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
-def interleaved(runs: int, measure) -> dict[str, list[dict]]:
-    """Call measure(impl) runs times per implementation, alternating ours/hf and swapping the
-    order every round (ours,hf / hf,ours / ...) so drift in machine load hits both alike."""
-    results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+def interleaved(runs: int, measure, variants: list[str] | tuple[str, ...] = IMPLS) -> dict[str, list[dict]]:
+    """Call measure(variant) runs times per variant, alternating them and rotating the order every
+    round (a,b,c / b,c,a / ...) so that drift in machine load hits every variant alike."""
+    results: dict[str, list[dict]] = {v: [] for v in variants}
     for i in range(runs):
-        order = IMPLS if i % 2 == 0 else IMPLS[::-1]
-        for impl in order:
+        k = i % len(variants)
+        for variant in list(variants[k:]) + list(variants[:k]):
             t0 = time.perf_counter()
-            res = measure(impl)
-            results[impl].append(res)
-            print(f"[bench] round {i + 1}/{runs} {impl}: {_short(res)} ({time.perf_counter() - t0:.0f} s)",
+            res = measure(variant)
+            results[variant].append(res)
+            print(f"[bench] round {i + 1}/{runs} {variant}: {_short(res)} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     return results
 

@@ -7,7 +7,10 @@ Linear layers (+ lm_head). `pack_for_cpu(model)`: bf16 Linear layers -> oneDNN-p
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +33,22 @@ def _int8_kernel_available() -> bool:
 class Int8Linear(nn.Module):
     """y = (x @ q.T) * scales + bias, with q int8 (N, K) and scales (N,) in the activation dtype."""
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 tied_weight: nn.Parameter | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        if tied_weight is not None:
+            # a lm_head tied to the embedding keeps the shared matrix as `.weight` (no extra memory:
+            # the embedding holds it anyway), so code reading lm_head.weight.dtype/.device still works
+            self.weight = tied_weight
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, tied: bool = False) -> "Int8Linear":
         q, scales = quantize_weight_int8(linear.weight.detach(), linear.weight.dtype)
-        return cls(q, scales, linear.bias)
+        return cls(q, scales, linear.bias, linear.weight if tied else None)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (N, K) weight the int8 values stand for, in `dtype` (default: the scales' dtype)."""
@@ -67,13 +75,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_weight_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight_int8(weight: torch.Tensor, scale_dtype: torch.dtype,
+                         chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: scale = max|w_row| / 127 (rounded to scale_dtype first, so the stored
-    scale is the one used), q = round(w / scale) clamped to [-127, 127]. Returns (q (N, K), scales (N,))."""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    scales = scales.to(scale_dtype)
-    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale is the one used), q = round(w / scale) clamped to [-127, 127]. Returns (q (N, K), scales (N,)).
+    Works chunk_rows rows at a time, so the fp32 temporaries stay small (the 2B vocabulary is 151,936 rows)."""
+    n = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
+    for lo in range(0, n, chunk_rows):
+        w = weight[lo:lo + chunk_rows].float()
+        s = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+        scales[lo:lo + chunk_rows] = s
+        q[lo:lo + chunk_rows] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -118,6 +132,49 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class _PageReleaser:
+    """Drops the resident pages of replaced weights that are mmap'd from .safetensors files (Linux).
+
+    Our loader maps checkpoint files privately and assigns views of them as parameters; once a layer
+    is packed or quantised, its old pages would stay resident (counted in RSS) until the whole file's
+    mapping closes. madvise(MADV_DONTNEED) on the pages wholly inside the old tensor returns them; a
+    later read of that tensor (nobody should) would re-read the file. Anonymous memory is never touched."""
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self.libc = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            self.libc = ctypes.CDLL(None, use_errno=True)
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    parts = line.split()
+                    if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                        self.ranges.append((lo, hi))
+        except OSError:
+            self.libc, self.ranges = None, []
+
+    def release(self, tensor: torch.Tensor) -> int:
+        """Release the tensor's whole pages if it lies in a safetensors mapping; returns bytes released."""
+        if self.libc is None or tensor.device.type != "cpu":
+            return 0
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return 0
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page  # pages wholly inside [start, end)
+        if hi <= lo:
+            return 0
+        if self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self._MADV_DONTNEED) != 0:
+            return 0
+        return hi - lo
+
+
 @torch.no_grad()
 def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
     """Swap the text decoder's Linear layers (and lm_head unless include_lm_head=False) for Int8Linear,
@@ -127,13 +184,25 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
     if not targets:
         raise ConfigError("quantize_int8: the model has no text Linear layers to quantise; "
                           "pass a Qwen2VLForConditionalGeneration or a text model")
+    shared = _embedding_ptrs(model)
+    pages = _PageReleaser()
+    released = 0
     for name, linear in targets:
         if not linear.weight.dtype.is_floating_point:
             raise ConfigError(f"quantize_int8: {name} has dtype {linear.weight.dtype}; "
                               "quantise a floating-point (bf16/fp16/fp32) model once")
-        _swap(model, name, Int8Linear.from_linear(linear))
-    logger.info("quantize_int8: %d Linear layers -> int8", len(targets))
+        tied = linear.weight.data_ptr() in shared
+        _swap(model, name, Int8Linear.from_linear(linear, tied=tied))
+        if not tied:
+            released += pages.release(linear.weight)
+    logger.info("quantize_int8: %d Linear layers -> int8 (%.0f MB of mapped pages released)",
+                len(targets), released / 1e6)
     return model
+
+
+def _embedding_ptrs(model: nn.Module) -> set[int]:
+    """data_ptr of every embedding weight: a tied lm_head shares it and must not be released."""
+    return {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
 def can_pack_for_cpu() -> bool:
@@ -150,8 +219,9 @@ def pack_for_cpu(model: nn.Module, include_vision: bool = True, include_tied_lm_
     if not can_pack_for_cpu():
         raise ConfigError("pack_for_cpu: this torch build has no oneDNN (mkldnn) prepacking; "
                           "run unpacked or use quantize_int8")
-    embed_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    count = 0
+    embed_ptrs = _embedding_ptrs(model)
+    pages = _PageReleaser()
+    count = released = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
             continue
@@ -162,6 +232,9 @@ def pack_for_cpu(model: nn.Module, include_vision: bool = True, include_tied_lm_
         if module.weight.data_ptr() in embed_ptrs and not include_tied_lm_head:
             continue
         _swap(model, name, PackedLinear(module))
+        if module.weight.data_ptr() not in embed_ptrs:
+            released += pages.release(module.weight)
         count += 1
-    logger.info("pack_for_cpu: %d Linear layers prepacked", count)
+    logger.info("pack_for_cpu: %d Linear layers prepacked (%.0f MB of mapped pages released)", count,
+                released / 1e6)
     return model

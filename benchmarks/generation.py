@@ -1,0 +1,223 @@
+"""Generation benchmark: qwen2vl vs transformers on one random-weight checkpoint, fresh processes.
+
+    python benchmarks/generation.py --shape 2b --batch 1 8 --runs 3 [--int8]
+
+Workload: one 640x480 image + a short prompt per row (batch 8 = 8 different images, same prompt),
+64 new tokens, greedy, eos ignored. Both implementations get the SAME input tensors (made once by
+transformers' processor from the checkpoint's files); only `model.generate` is timed. Timestamps come
+from a streamer's put() (called by both with the prompt, then once per step): TTFT = call start to
+first token (vision tower + prefill + first pick), decode tok/s = (new - 1) / (last token - first token).
+Greedy ids must agree between implementations (int8: agreement is reported, not required).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+          "<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n<|im_start|>assistant\n")
+WARMUP_IDS = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198, 151644, 77091, 198]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def make_inputs(ckpt: Path, batch: int) -> Path:
+    """Processor outputs for `batch` rows (seeded 640x480 noise images), saved once under .bench/."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    path = common.BENCH_DIR / f"inputs-640x480-b{batch}.pt"
+    if path.exists():
+        return path
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(ckpt))
+    images = [Image.fromarray(np.random.RandomState(i).randint(0, 256, (480, 640, 3), dtype=np.uint8))
+              for i in range(batch)]
+    inputs = processor(images=images, text=[PROMPT] * batch, return_tensors="pt")
+    torch.save({k: v for k, v in inputs.items()}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- child
+class TimingStreamer:
+    """put()/end() receiver that only timestamps: the prompt put first, then one put per step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self.seen_prompt:  # both implementations put the prompt ids first
+            self.seen_prompt = True
+            return
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def load_model(impl: str, ckpt: Path, mode: str):
+    import torch
+
+    if impl == "hf":
+        from transformers import Qwen2VLForConditionalGeneration
+    else:
+        from qwen2vl import Qwen2VLForConditionalGeneration
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.bfloat16,
+                                                            attn_implementation="sdpa")
+    model.eval()
+    if impl == "ours" and mode in ("packed", "int8"):
+        from qwen2vl.quantize import pack_for_cpu, quantize_int8
+        if mode == "int8":
+            quantize_int8(model)
+        pack_for_cpu(model)  # whatever is still bf16 Linear (vision tower; decoder in "packed")
+    return model
+
+
+def int8_logit_error(model, ckpt: Path) -> dict:
+    """Quantise in place and compare text-only logits (all positions of a short prompt) to bf16."""
+    import torch
+    from qwen2vl.quantize import quantize_int8
+
+    ids = torch.tensor([WARMUP_IDS])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        quantize_int8(model)
+        got = model(input_ids=ids).logits.float()
+    diff = (got - ref).abs()
+    return {"int8_max_abs_logit_err": diff.max().item(), "int8_mean_abs_logit_err": diff.mean().item(),
+            "bf16_logit_std": ref.std().item(),
+            "int8_top1_agree": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    inputs = torch.load(args.inputs)
+    t0 = time.perf_counter()
+    mode = args.mode
+    model = load_model(args.impl, args.ckpt, "bf16" if mode == "int8" else mode)
+    extra = {}
+    if mode == "int8":  # load bf16, measure the logit error while quantising, then pack the rest
+        extra = int8_logit_error(model, args.ckpt)
+        from qwen2vl.quantize import pack_for_cpu
+        pack_for_cpu(model)
+    load_s = time.perf_counter() - t0
+    gen_kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():  # warm-up: a short text-only prompt, 2 tokens (kernels, allocator, lazy init)
+        model.generate(input_ids=torch.tensor([WARMUP_IDS]), max_new_tokens=2, **gen_kwargs)
+        streamer = TimingStreamer()
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=args.new_tokens, streamer=streamer, **gen_kwargs)
+        end = time.perf_counter()
+    new = out[:, inputs["input_ids"].shape[1]:]
+    if new.shape[1] != args.new_tokens or len(streamer.stamps) != args.new_tokens:
+        raise SystemExit(f"{args.impl}: generated {new.shape[1]} tokens ({len(streamer.stamps)} streamed), "
+                         f"expected {args.new_tokens}: eos was not ignored")
+    first, last = streamer.stamps[0], streamer.stamps[-1]
+    common.emit({
+        "impl": args.impl, "mode": mode, "batch": int(new.shape[0]), "load_s": load_s,
+        "ttft_s": first - start, "decode_tok_s": (args.new_tokens - 1) / (last - first),
+        "decode_ms_per_step": 1e3 * (last - first) / (args.new_tokens - 1), "total_s": end - start,
+        "peak_rss_mb": common.peak_rss_mb(), "ids": new.tolist(),
+        "ids_sha": hashlib.sha1(str(new.tolist()).encode()).hexdigest()[:12], **extra,
+    })
+
+
+# ---------------------------------------------------------------------------------------------- parent
+METRICS = [("ttft_s", "TTFT s", "{:.2f}", False), ("decode_tok_s", "decode tok/s (per row)", "{:.2f}", True),
+           ("total_s", "total s", "{:.2f}", False), ("peak_rss_mb", "peak RSS MiB", "{:.0f}", False)]
+
+
+def check_ids(results: dict[str, list[dict]], strict: list[str]) -> list[str]:
+    """Greedy ids must be identical across every run of the strict impls; returns notes for the rest."""
+    ref = results["hf"][0]["ids"]
+    for impl in strict:
+        for r in results[impl]:
+            if r["ids"] != ref:
+                first = next(i for i, (a, b) in enumerate(zip(_flat(r["ids"]), _flat(ref))) if a != b)
+                raise SystemExit(f"greedy ids differ: {impl} vs hf (first difference at flat index {first}); "
+                                 "no timing reported")
+    notes = []
+    for impl, runs in results.items():
+        if impl in strict or impl == "hf":
+            continue
+        rows = [_agree_prefix(a, b) for a, b in zip(runs[0]["ids"], ref)]
+        notes.append(f"{impl}: greedy ids equal to hf bf16 for the first {min(rows)}..{max(rows)} of "
+                     f"{len(ref[0])} tokens per row")
+    return notes
+
+
+def _flat(ids: list[list[int]]) -> list[int]:
+    return [t for row in ids for t in row]
+
+
+def _agree_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < len(a) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def report(batch: int, results: dict[str, list[dict]]) -> str:
+    impls = list(results)
+    header = ["batch", "metric"] + impls + [f"{i}/hf" for i in impls if i != "hf"]
+    rows = []
+    for key, label, fmt, _higher_better in METRICS:
+        med = {i: common.median(results[i], key) for i in impls}
+        rows.append([str(batch), label] + [fmt.format(med[i]) for i in impls]
+                    + [f"{med[i] / med['hf']:.2f}x" for i in impls if i != "hf"])
+    return common.table(rows, header)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=common.IMPLS)
+    parser.add_argument("--mode", choices=("bf16", "packed", "int8"), default="bf16")
+    parser.add_argument("--ckpt", type=Path)
+    parser.add_argument("--inputs", type=Path)
+    parser.add_argument("--shape", default="2b", help="2b | 7b | tiny (smoke test)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", default=["bf16"], choices=("bf16", "packed", "int8"),
+                        help="our modes to run next to transformers' bf16 (packed/int8 are opt-in swaps)")
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    ckpt = common.checkpoint_dir(args.shape)
+    print(f"[bench] machine: {common.machine_info()}")
+    for batch in args.batch:
+        inputs = make_inputs(ckpt, batch)
+        variants = ["hf"] + [f"ours-{m}" if m != "bf16" else "ours" for m in args.modes]
+
+        def measure(variant: str) -> dict:
+            impl, _, mode = variant.partition("-")
+            return common.run_child("generation.py", ["--impl", impl, "--mode", mode or "bf16", "--ckpt", str(ckpt),
+                                                      "--inputs", str(inputs), "--new-tokens",
+                                                      str(args.new_tokens)])
+        results = common.interleaved(args.runs, measure, variants)
+        strict = [v for v in variants if v != "hf" and not v.endswith("int8")]
+        notes = check_ids(results, strict)
+        print(f"\n## {args.shape} batch {batch}, {args.new_tokens} new tokens, median of {args.runs} runs")
+        print(report(batch, results))
+        for note in notes:
+            print(f"- {note}")
+        for v in variants:
+            extra = {k: v2 for k, v2 in results[v][0].items() if k.startswith("int8_")}
+            if extra:
+                print(f"- {v} logits vs bf16 (text prompt, all positions): {extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""qwen2vl.quantize: int8 weight-only and oneDNN-prepacked Linear swaps on tiny models.
+
+Expected values come from first principles: the int8 layer must compute x @ (q * scale).T exactly
+(to float rounding), the quantised model must equal a plain model holding the dequantised weights,
+and its logits must stay within the stated tolerance of the unquantised model.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from qwen2vl.quantize import (Int8Linear, PackedLinear, can_pack_for_cpu, pack_for_cpu, quantize_int8,
+                              quantize_weight_int8)
+from support.checkpoints import tiny_model
+
+# Tolerance of the int8 model against the model it was made from: per-row symmetric int8 rounds
+# each weight by at most max|w_row|/254, which moves these tiny models' logits by < 3% of their range.
+INT8_LOGIT_TOL = 0.03
+
+
+def _inputs(batch: int = 2, length: int = 7, vocab: int = 240) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _dequantised_copy(model: nn.Module) -> nn.Module:
+    """The quantised model with each Int8Linear replaced by a plain Linear holding q * scale."""
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, Int8Linear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear = linear.to(module.scales.dtype)
+            linear.weight.data = module.dequantize(torch.float32).to(module.scales.dtype)
+            if module.bias is not None:
+                linear.bias.data = module.bias.data.clone()
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, linear)
+    return plain
+
+
+def test_quantize_weight_int8_matches_hand_computation():
+    w = torch.tensor([[1.27, -0.635, 0.0, 0.3], [0.0, 0.0, 0.0, 0.0], [-2.54, 1.0, 0.5, 2.0]])
+    q, scales = quantize_weight_int8(w, torch.float32)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32
+    torch.testing.assert_close(scales[[0, 2]], torch.tensor([0.01, 0.02]))
+    assert q[0].tolist() == [127, -64, 0, 30]  # -63.5 rounds half to even -> -64
+    assert q[1].tolist() == [0, 0, 0, 0]  # an all-zero row stays zero (scale clamped above 0)
+    assert q[2].tolist() == [-127, 50, 25, 100]
+    err = (q.float() * scales[:, None] - w).abs()
+    assert bool((err <= scales[:, None] / 2 + 1e-7).all())
+
+
+def test_quantize_weight_int8_chunks_do_not_change_the_result():
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
+    q1, s1 = quantize_weight_int8(w, torch.bfloat16, chunk_rows=5)
+    q2, s2 = quantize_weight_int8(w, torch.bfloat16, chunk_rows=4096)
+    assert torch.equal(q1, q2) and torch.equal(s1, s2)
+
+
+def test_int8_linear_computes_x_times_dequantised_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    layer = Int8Linear.from_linear(linear)
+    w = layer.weight_int8.double() * layer.scales.double()[:, None]
+    for rows in (1, 2, 5):  # 1-2 rows take torch's int8 kernel on CPU, more rows the portable path
+        x = torch.randn(rows, 3, 64)
+        expected = x.double() @ w.T + linear.bias.double()
+        out = layer(x)
+        assert out.shape == (rows, 3, 48) and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_bf16_kernel_and_fallback_agree_to_bf16_rounding():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(96, 32, bias=False).to(torch.bfloat16))
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    w = layer.weight_int8.double() * layer.scales.double()[:, None]
+    expected = x.double() @ w.T
+    for out in (layer(x), layer(x.expand(4, 96))[:1]):  # kernel (1 row) and portable (4 rows) paths
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_quantize_int8_swaps_text_linears_only():
+    model = tiny_model(tied=True)
+    embed = model.model.language_model.embed_tokens.weight
+    vision_before = {n for n, m in model.model.visual.named_modules() if isinstance(m, nn.Linear)}
+    quantize_int8(model)
+    text = model.model.language_model
+    for layer in text.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                     layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert isinstance(proj, Int8Linear)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert model.lm_head.weight is embed  # tied: the shared matrix is kept, not copied
+    assert text.embed_tokens.weight is embed and text.embed_tokens.weight.dtype == torch.float32
+    vision_after = {n for n, m in model.model.visual.named_modules() if isinstance(m, nn.Linear)}
+    assert vision_after == vision_before  # the vision tower is untouched
+
+
+def test_quantize_int8_can_keep_lm_head():
+    model = quantize_int8(tiny_model(), include_lm_head=False)
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_int8_logits_close_to_unquantised_and_equal_to_dequantised_model():
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model(tied=False).to(dtype)
+        ids = _inputs()
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits.float()
+            quantize_int8(model)
+            got = model(input_ids=ids).logits.float()
+            plain = _dequantised_copy(model)(input_ids=ids).logits.float()
+        assert got.shape == ref.shape == (2, 7, 256)
+        spread = (ref.max() - ref.min()).item()
+        assert (got - ref).abs().max().item() <= INT8_LOGIT_TOL * spread
+        tol = 1e-4 if dtype == torch.float32 else 0.05 * spread
+        assert (got - plain).abs().max().item() <= tol
+
+
+def test_generate_runs_after_quantisation_and_matches_dequantised_model():
+    model = tiny_model(tied=True)
+    quantize_int8(model)
+    plain = _dequantised_copy(model)
+    ids = _inputs(batch=2, length=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(input_ids=ids, **kwargs)
+    assert out.shape == (2, 11)
+    assert torch.equal(out[:, :5], ids)
+    assert torch.equal(out, plain.generate(input_ids=ids, **kwargs))
+
+
+def test_pack_for_cpu_is_bit_identical_and_skips_tied_head():
+    assert can_pack_for_cpu()
+    model = tiny_model(tied=True).to(torch.bfloat16)
+    ids = _inputs()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        pack_for_cpu(model)
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, ref)
+    assert isinstance(model.model.language_model.layers[0].mlp.down_proj, PackedLinear)
+    assert isinstance(model.model.visual.blocks[0].attn.qkv, PackedLinear)
+    assert type(model.lm_head) is nn.Linear  # tied: packing would copy the vocabulary matrix
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (2, 10)
+
+
+def test_swaps_on_a_loaded_checkpoint_keep_outputs(tmp_path):
+    """Weights mmap'd from safetensors: the replaced layers' file pages are released, and outputs stay."""
+    from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
+
+    tiny_model(tied=False).to(torch.bfloat16).save_pretrained(tmp_path)
+    ids = _inputs()
+    with torch.no_grad():
+        model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        ref = model(input_ids=ids).logits
+        pack_for_cpu(model)
+        assert torch.equal(model(input_ids=ids).logits, ref)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        expected = _dequantised_copy(quantize_int8(copy.deepcopy(model)))(input_ids=ids).logits
+        got = quantize_int8(model)(input_ids=ids).logits
+    spread = (ref.float().max() - ref.float().min()).item()
+    assert (got.float() - expected.float()).abs().max().item() <= 0.05 * spread
