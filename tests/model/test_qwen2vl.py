@@ -23,6 +23,7 @@ def test_output_fields(model, inputs):
     assert out.logits.shape == (1, inputs["input_ids"].shape[1], 256)
     assert out.loss.ndim == 0 and out.loss.dtype == torch.float32
     assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1]
+    assert out.cache is out.past_key_values  # transformers-5 spelling
     assert len(out.hidden_states) == 3 and out.attentions is None
     assert out.rope_deltas.shape == (1, 1)
     assert out["logits"] is out.logits and "attentions" not in out  # dict of the non-None fields

@@ -25,6 +25,8 @@ class ModelOutput(dict):
         super().__init__((k, v) for k, v in values.items() if v is not None)
 
     def __getattr__(self, name: str):
+        if name == "cache" and "past_key_values" in type(self)._fields:  # transformers-5 name
+            name = "past_key_values"
         if name in self:
             return self[name]
         if name in type(self)._fields:
