@@ -148,3 +148,18 @@ def test_return_dict_in_generate_with_scores_matches_transformers():
     assert len(got.scores) == len(expected.scores)
     for a, b in zip(got.scores + got.logits, expected.scores + expected.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_model_generates_from_fp32_upcast_scores():
+    from generation.oracle_models import checkpoint
+    from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(checkpoint(), dtype=torch.bfloat16)
+    inputs = _text_inputs("hi there")
+    out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         return_dict_in_generate=True, output_scores=True)
+    assert out.sequences.shape == (1, inputs["input_ids"].shape[1] + 6)
+    assert all(s.dtype == torch.float32 for s in out.scores)
+    # greedy picks the argmax of the fp32-upcast scores at every step
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    assert [int(s.argmax()) for s in out.scores] == new.tolist()
