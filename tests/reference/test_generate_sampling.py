@@ -108,3 +108,24 @@ def test_num_return_sequences_repeats_each_prompt_with_its_media():
     torch.manual_seed(3)
     got = ours.generate(**inputs, **kwargs)
     assert got.shape[0] == 6 and torch.equal(got, expected)
+
+
+def test_sampling_with_rows_finishing_early_keeps_the_reference_random_stream():
+    # finished rows leave our running batch; the draws must still follow transformers' RNG stream
+    from generation.oracle_models import IM_END
+
+    reference, ours = models()
+    rows = [prompt_ids([user("image")], GRIDS), prompt_ids([{"role": "user", "content": "hello"}], []),
+            prompt_ids([{"role": "user", "content": "tell me more"}], [])]
+    inputs = batch_inputs(rows, GRIDS)
+    width = inputs["input_ids"].shape[1]
+    kwargs = {"do_sample": True, "top_k": 50, "temperature": 1.2, "max_new_tokens": 30, "eos_token_id": [IM_END]}
+    torch.manual_seed(5)
+    free = reference.generate(**inputs, **kwargs)[:, width:]
+    kwargs.update(eos_token_id=[int(free[0, 4]), int(free[2, 12])], pad_token_id=0)
+    torch.manual_seed(5)
+    expected = reference.generate(**inputs, **kwargs)
+    torch.manual_seed(5)
+    got = ours.generate(**inputs, **kwargs)
+    assert torch.equal(got, expected)
+    assert (got[:, width:] == 0).any()  # rows did finish early

@@ -277,7 +277,13 @@ class _Decoder:
         raw = logits[:, -1].float()  # (B, V) fp32 copy, as the reference
         banned = self.eos if step < self.min_new else None
         scores = sampling.process_logits(raw, self.params, self.seen, banned)
-        return sampling.select_tokens(scores, self.params, self.generator), scores, raw
+        if self.params.greedy or len(self.rows) == self.prep.batch_size:
+            return sampling.select_tokens(scores, self.params, self.generator), scores, raw
+        # Sampling after compaction: draw for the full original batch (finished rows get a dummy
+        # uniform row) so the RNG stream advances exactly as in transformers, which keeps sampling
+        # finished rows; a given seed then gives the same tokens as the reference.
+        full = self._full(scores, 0.0)
+        return sampling.select_tokens(full, self.params, self.generator)[self.rows], scores, raw
 
     def _finished(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         done = eos_hit(tokens, self.eos)
