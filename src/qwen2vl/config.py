@@ -406,6 +406,8 @@ class GenerationConfig:
 
     Every field defaults to None = "not set here": `generate` fills it from the next source down
     (generate kwargs > generation_config= > model.generation_config > GENERATION_DEFAULTS).
+    eos/pad: eos_token_id is an id or a list (any of them ends a row); pad_token_id may be one of
+    the eos ids (the hub files set pad 151643 = the second eos); unset pad means eos[0].
     """
 
     max_new_tokens: int | None = None
