@@ -48,20 +48,53 @@ def make_inputs(ckpt: Path, batch: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------- child
 class TimingStreamer:
-    """put()/end() receiver that only timestamps: the prompt put first, then one put per step."""
+    """put()/end() receiver that only timestamps (wall and process CPU): the prompt put first, then
+    one put per step. With a profiler, profiles from the first token to the end (the decode steps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profiler=None) -> None:
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
         self.seen_prompt = False
+        self.profiler = profiler
 
     def put(self, value) -> None:
         if not self.seen_prompt:  # both implementations put the prompt ids first
             self.seen_prompt = True
             return
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
+        if self.profiler is not None and len(self.stamps) == 1:
+            self.profiler.start()
 
     def end(self) -> None:
-        pass
+        if self.profiler is not None:
+            self.profiler.stop()
+
+
+# leaf-op name fragments -> category, for the decode profile (first match wins)
+CATEGORIES = [("matmul", ("mm", "linear_pointwise", "int8pack", "addmm", "bmm", "linear")),
+              ("attention", ("scaled_dot_product", "flash_attention", "softmax")),
+              ("copy/cat/index", ("copy", "cat", "index", "slice_scatter", "clone", "contiguous", "to")),
+              ("elementwise", ("mul", "add", "pow", "mean", "rsqrt", "neg", "silu", "sigmoid", "sub", "div",
+                               "where", "masked", "argmax", "cumsum", "eq", "ne", "lt", "gt", "le", "ge"))]
+
+
+def profile_summary(prof, steps: int, wall_s: float) -> dict:
+    """Self CPU time per decode step by category; 'overhead' is wall time not inside any op (Python,
+    dispatcher, allocator)."""
+    totals: dict[str, float] = {}
+    top = []
+    for ev in prof.key_averages():
+        self_us = ev.self_cpu_time_total
+        name = ev.key.split("::")[-1]
+        cat = next((c for c, frags in CATEGORIES if any(f in name for f in frags)), "other ops")
+        totals[cat] = totals.get(cat, 0.0) + self_us
+        top.append((self_us, ev.key, ev.count))
+    per_step = {f"prof_{k}_ms": v / 1e3 / steps for k, v in totals.items()}
+    per_step["prof_overhead_ms"] = wall_s * 1e3 / steps - sum(per_step.values())
+    per_step["prof_top_ops"] = [f"{k} x{c // steps}/step {us / 1e3 / steps:.2f} ms"
+                                for us, k, c in sorted(top, reverse=True)[:12]]
+    return per_step
 
 
 def load_model(impl: str, ckpt: Path, mode: str):
@@ -102,6 +135,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     inputs = torch.load(args.inputs)
     t0 = time.perf_counter()
     mode = args.mode
@@ -115,7 +150,11 @@ def child(args: argparse.Namespace) -> None:
     gen_kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():  # warm-up: a short text-only prompt, 2 tokens (kernels, allocator, lazy init)
         model.generate(input_ids=torch.tensor([WARMUP_IDS]), max_new_tokens=2, **gen_kwargs)
-        streamer = TimingStreamer()
+        profiler = None
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            profiler = profile(activities=[ProfilerActivity.CPU])
+        streamer = TimingStreamer(profiler)
         start = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=args.new_tokens, streamer=streamer, **gen_kwargs)
         end = time.perf_counter()
@@ -124,10 +163,13 @@ def child(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.impl}: generated {new.shape[1]} tokens ({len(streamer.stamps)} streamed), "
                          f"expected {args.new_tokens}: eos was not ignored")
     first, last = streamer.stamps[0], streamer.stamps[-1]
+    if profiler is not None:
+        extra.update(profile_summary(profiler, args.new_tokens - 1, last - first))
     common.emit({
         "impl": args.impl, "mode": mode, "batch": int(new.shape[0]), "load_s": load_s,
         "ttft_s": first - start, "decode_tok_s": (args.new_tokens - 1) / (last - first),
         "decode_ms_per_step": 1e3 * (last - first) / (args.new_tokens - 1), "total_s": end - start,
+        "decode_cpu_ms_per_step": 1e3 * (streamer.cpu_stamps[-1] - streamer.cpu_stamps[0]) / (args.new_tokens - 1),
         "peak_rss_mb": common.peak_rss_mb(), "ids": new.tolist(),
         "ids_sha": hashlib.sha1(str(new.tolist()).encode()).hexdigest()[:12], **extra,
     })
@@ -138,16 +180,20 @@ METRICS = [("ttft_s", "TTFT s", "{:.2f}", False), ("decode_tok_s", "decode tok/s
            ("total_s", "total s", "{:.2f}", False), ("peak_rss_mb", "peak RSS MiB", "{:.0f}", False)]
 
 
-def check_ids(results: dict[str, list[dict]], strict: list[str]) -> list[str]:
+def check_ids(results: dict[str, list[dict]], strict: list[str], allow_mismatch: bool) -> list[str]:
     """Greedy ids must be identical across every run of the strict impls; returns notes for the rest."""
     ref = results["hf"][0]["ids"]
-    for impl in strict:
+    notes = []
+    for impl in strict + ["hf"]:
         for r in results[impl]:
             if r["ids"] != ref:
-                first = next(i for i, (a, b) in enumerate(zip(_flat(r["ids"]), _flat(ref))) if a != b)
-                raise SystemExit(f"greedy ids differ: {impl} vs hf (first difference at flat index {first}); "
-                                 "no timing reported")
-    notes = []
+                steps = [_agree_prefix(a, b) for a, b in zip(r["ids"], ref)]
+                msg = (f"greedy ids differ: {impl} vs hf (rows agree for the first {min(steps)}..{max(steps)} "
+                       f"of {len(ref[0])} tokens)")
+                if not allow_mismatch:
+                    raise SystemExit(msg + "; no timing reported (--allow-id-mismatch prints it anyway)")
+                notes.append("UNVERIFIED: " + msg)
+                break
     for impl, runs in results.items():
         if impl in strict or impl == "hf":
             continue
@@ -190,6 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="child: torch.profiler summary of the decode steps")
+    parser.add_argument("--threads", type=int, default=0, help="child: torch.set_num_threads (0 = default)")
+    parser.add_argument("--allow-id-mismatch", action="store_true",
+                        help="report timings even when greedy ids differ (marked UNVERIFIED)")
     parser.add_argument("--modes", nargs="+", default=["bf16"], choices=("bf16", "packed", "int8"),
                         help="our modes to run next to transformers' bf16 (packed/int8 are opt-in swaps)")
     args = parser.parse_args(argv)
@@ -208,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       str(args.new_tokens)])
         results = common.interleaved(args.runs, measure, variants)
         strict = [v for v in variants if v != "hf" and not v.endswith("int8")]
-        notes = check_ids(results, strict)
+        notes = check_ids(results, strict, args.allow_id_mismatch)
         print(f"\n## {args.shape} batch {batch}, {args.new_tokens} new tokens, median of {args.runs} runs")
         print(report(batch, results))
         for note in notes:

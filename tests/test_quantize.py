@@ -163,3 +163,37 @@ def test_swaps_on_a_loaded_checkpoint_keep_outputs(tmp_path):
         got = quantize_int8(model)(input_ids=ids).logits
     spread = (ref.float().max() - ref.float().min()).item()
     assert (got.float() - expected.float()).abs().max().item() <= 0.05 * spread
+
+
+def test_tied_head_of_a_loaded_checkpoint_is_packed_and_embedding_still_reads_right(tmp_path):
+    from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
+
+    source = tiny_model(tied=True).to(torch.bfloat16)
+    source.save_pretrained(tmp_path)
+    expected_embed = source.model.language_model.embed_tokens.weight.detach().clone()
+    ids = _inputs()
+    with torch.no_grad():
+        model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        ref = model(input_ids=ids).logits
+        pack_for_cpu(model)  # "auto": the shared matrix is mmap'd, so the head is packed too
+        assert isinstance(model.lm_head, PackedLinear)
+        assert torch.equal(model(input_ids=ids).logits, ref)
+        assert torch.equal(model.model.language_model.embed_tokens.weight, expected_embed)
+
+
+def test_an_edited_embedding_is_not_released(tmp_path):
+    from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
+
+    tiny_model(tied=True).to(torch.bfloat16).save_pretrained(tmp_path)
+    ids = _inputs()
+    with torch.no_grad():
+        model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        embed = model.model.language_model.embed_tokens.weight
+        embed[120:130] += 1.0  # in-place edit of a private mapping: differs from the file now
+        edited = embed.detach().clone()
+        ref = model(input_ids=ids).logits
+        quantize_int8(model)
+        assert torch.equal(model.model.language_model.embed_tokens.weight, edited)
+        got = model(input_ids=ids).logits
+    spread = (ref.float().max() - ref.float().min()).item()
+    assert (got.float() - ref.float()).abs().max().item() <= INT8_LOGIT_TOL * spread

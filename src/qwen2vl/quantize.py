@@ -133,17 +133,20 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class _PageReleaser:
-    """Drops the resident pages of replaced weights that are mmap'd from .safetensors files (Linux).
+    """Drops the resident pages of weights that are mmap'd from .safetensors files (Linux only).
 
-    Our loader maps checkpoint files privately and assigns views of them as parameters; once a layer
-    is packed or quantised, its old pages would stay resident (counted in RSS) until the whole file's
-    mapping closes. madvise(MADV_DONTNEED) on the pages wholly inside the old tensor returns them; a
-    later read of that tensor (nobody should) would re-read the file. Anonymous memory is never touched."""
+    Our loader maps checkpoint files privately and assigns views of them as parameters. Once a layer
+    is packed or quantised its old pages would stay resident (counted in RSS) until the file's mapping
+    closes; madvise(MADV_DONTNEED) on the pages wholly inside the tensor returns them, and any later
+    read faults them back in from the file. A tensor still in use (a tied embedding) is released only
+    after checking that its bytes equal the file's (in-place edits would otherwise be lost).
+    Anonymous memory is never touched."""
 
     _MADV_DONTNEED = 4
+    _CHUNK = 64 << 20
 
     def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
+        self.maps: list[tuple[int, int, int, str]] = []  # (start, end, file offset, path)
         self.libc = None
         if not sys.platform.startswith("linux"):
             return
@@ -151,26 +154,46 @@ class _PageReleaser:
             self.libc = ctypes.CDLL(None, use_errno=True)
             with open("/proc/self/maps") as maps:
                 for line in maps:
-                    parts = line.split()
-                    if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].strip().endswith(".safetensors"):
                         lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                        self.ranges.append((lo, hi))
+                        self.maps.append((lo, hi, int(parts[2], 16), parts[5].strip()))
         except OSError:
-            self.libc, self.ranges = None, []
+            self.libc, self.maps = None, []
 
-    def release(self, tensor: torch.Tensor) -> int:
-        """Release the tensor's whole pages if it lies in a safetensors mapping; returns bytes released."""
-        if self.libc is None or tensor.device.type != "cpu":
+    def _mapping(self, tensor: torch.Tensor) -> tuple[int, int, int, str] | None:
+        if self.libc is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        return next((m for m in self.maps if m[0] <= start and end <= m[1]), None)
+
+    def file_backed(self, tensor: torch.Tensor) -> bool:
+        return self._mapping(tensor) is not None
+
+    def _equals_file(self, tensor: torch.Tensor, mapping: tuple[int, int, int, str]) -> bool:
+        flat = tensor.detach().reshape(-1).view(torch.uint8)
+        offset = tensor.data_ptr() - mapping[0] + mapping[2]
+        with open(mapping[3], "rb") as f:
+            for i in range(0, flat.numel(), self._CHUNK):
+                n = min(self._CHUNK, flat.numel() - i)
+                f.seek(offset + i)
+                disk = torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8)
+                if disk.numel() != n or not torch.equal(disk, flat[i:i + n]):
+                    return False
+        return True
+
+    def release(self, tensor: torch.Tensor, in_use: bool = False) -> int:
+        """Release the tensor's whole pages if it lies in a safetensors mapping; returns bytes released.
+        in_use=True: only when its bytes still equal the file (so reads after the release are correct)."""
+        mapping = self._mapping(tensor)
+        if mapping is None or (in_use and not self._equals_file(tensor, mapping)):
             return 0
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
-        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
-            return 0
         page = mmap.PAGESIZE
         lo, hi = -(-start // page) * page, end // page * page  # pages wholly inside [start, end)
-        if hi <= lo:
-            return 0
-        if self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self._MADV_DONTNEED) != 0:
+        if hi <= lo or self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self._MADV_DONTNEED):
             return 0
         return hi - lo
 
@@ -179,7 +202,8 @@ class _PageReleaser:
 def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
     """Swap the text decoder's Linear layers (and lm_head unless include_lm_head=False) for Int8Linear,
     in place, one layer at a time (peak memory = model + one layer). The embedding and the vision
-    tower stay in their dtype; a tied lm_head gets its own int8 copy. Returns the model."""
+    tower stay in their dtype; a tied lm_head gets its own int8 copy, and then the embedding's mmap'd
+    pages are released (lookups read the few rows they need from the file). Returns the model."""
     targets = _text_linears(model, include_lm_head)
     if not targets:
         raise ConfigError("quantize_int8: the model has no text Linear layers to quantise; "
@@ -193,8 +217,7 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
                               "quantise a floating-point (bf16/fp16/fp32) model once")
         tied = linear.weight.data_ptr() in shared
         _swap(model, name, Int8Linear.from_linear(linear, tied=tied))
-        if not tied:
-            released += pages.release(linear.weight)
+        released += pages.release(linear.weight, in_use=tied)
     logger.info("quantize_int8: %d Linear layers -> int8 (%.0f MB of mapped pages released)",
                 len(targets), released / 1e6)
     return model
@@ -212,16 +235,22 @@ def can_pack_for_cpu() -> bool:
 
 
 @torch.no_grad()
-def pack_for_cpu(model: nn.Module, include_vision: bool = True, include_tied_lm_head: bool = False) -> nn.Module:
+def pack_for_cpu(model: nn.Module, include_vision: bool = True,
+                 include_tied_lm_head: bool | str = "auto") -> nn.Module:
     """Swap CPU bf16 Linear layers for PackedLinear, in place (inference only; state_dict no longer
-    holds those weights). A lm_head tied to the embedding is skipped unless include_tied_lm_head=True,
-    because packing it keeps a second copy of the vocabulary matrix. Returns the model."""
+    holds those weights). A lm_head tied to the embedding needs a packed copy of the vocabulary
+    matrix: "auto" packs it only when the shared matrix is mmap'd from the checkpoint, whose pages
+    are then released (embedding lookups read their rows from the file), so memory does not grow.
+    Returns the model."""
     if not can_pack_for_cpu():
         raise ConfigError("pack_for_cpu: this torch build has no oneDNN (mkldnn) prepacking; "
                           "run unpacked or use quantize_int8")
     embed_ptrs = _embedding_ptrs(model)
     pages = _PageReleaser()
     count = released = 0
+    if include_tied_lm_head == "auto":
+        include_tied_lm_head = all(pages.file_backed(m.weight) for m in model.modules()
+                                   if isinstance(m, nn.Embedding))
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
             continue
@@ -232,8 +261,7 @@ def pack_for_cpu(model: nn.Module, include_vision: bool = True, include_tied_lm_
         if module.weight.data_ptr() in embed_ptrs and not include_tied_lm_head:
             continue
         _swap(model, name, PackedLinear(module))
-        if module.weight.data_ptr() not in embed_ptrs:
-            released += pages.release(module.weight)
+        released += pages.release(module.weight, in_use=module.weight.data_ptr() in embed_ptrs)
         count += 1
     logger.info("pack_for_cpu: %d Linear layers prepacked (%.0f MB of mapped pages released)", count,
                 released / 1e6)
