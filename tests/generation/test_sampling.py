@@ -158,3 +158,26 @@ def test_seed_and_generator_together_is_an_error():
         S.make_generator(seed=1, generator=torch.Generator())
     with pytest.raises(InputError, match="seed"):
         S.make_generator(seed=-1)
+
+
+def test_per_row_knobs_equal_the_reference_row_by_row():
+    x, ids = _logits(13, batch=4), _ids(batch=4)
+    seen = S.seen_token_mask(ids, None, V)
+    temperature = torch.tensor([0.5, 1.0, 1.7, 0.9])
+    top_k = torch.tensor([3, 0, 10, V + 4])
+    top_p = torch.tensor([0.5, 0.95, 0.2, 0.7])
+    min_p = torch.tensor([0.1, 0.0, 0.3, 0.05])
+    penalty = torch.tensor([1.3, 1.0, 0.8, 2.0])
+    ours = S.apply_repetition_penalty(x, seen, penalty)
+    ours = S.apply_temperature(ours, temperature)
+    ours = S.apply_top_k(ours, top_k)
+    ours = S.apply_top_p(ours, top_p)
+    ours = S.apply_min_p(ours, min_p)
+    for row in range(4):
+        procs = [RepetitionPenaltyLogitsProcessor(float(penalty[row])),
+                 TemperatureLogitsWarper(float(temperature[row]))]
+        if top_k[row] != 0:
+            procs.append(TopKLogitsWarper(int(top_k[row])))
+        procs += [TopPLogitsWarper(float(top_p[row])), MinPLogitsWarper(float(min_p[row]))]
+        expected = _reference(procs, ids[row:row + 1], x[row:row + 1])
+        assert torch.equal(ours[row:row + 1], expected), row

@@ -1,7 +1,8 @@
 """Pure logits -> token functions: repetition penalty, min-new-tokens, temperature, top-k/p, min-p, RNG.
 
 Same numerics and order as transformers' logits processors (reference-notes §8.2-8.3); no model imports.
-Every function takes fp32 logits of shape (B, V) and returns a new tensor (inputs are not modified).
+Every function takes fp32 logits (B, V), returns a new tensor, and accepts its knob as a scalar or as
+one value per row (B,) (mixed requests in one batch, for the engine).
 """
 
 from __future__ import annotations
@@ -57,8 +58,19 @@ def mark_seen(mask: torch.Tensor, tokens: torch.Tensor) -> None:
     mask[rows, tokens[ok]] = True
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+Knob = float | torch.Tensor  # a scalar for the whole batch, or one value per row (B,) for mixed batches
+
+
+def _column(value: Knob, logits: torch.Tensor) -> Knob:
+    """Per-row values (B,) -> (B, 1) on the logits' device, so they broadcast over the vocabulary."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=logits.device, dtype=logits.dtype).reshape(-1, 1)
+    return value
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Knob) -> torch.Tensor:
     """score*p where score < 0, else score/p, for each id seen in the row (set semantics)."""
+    penalty = _column(penalty, logits)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
@@ -71,34 +83,43 @@ def suppress_tokens(logits: torch.Tensor, token_ids: torch.Tensor, rows: torch.T
     return logits.masked_fill(ban, -float("inf"))
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / temperature
+def apply_temperature(logits: torch.Tensor, temperature: Knob) -> torch.Tensor:
+    return logits / _column(temperature, logits)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1,
+def apply_top_k(logits: torch.Tensor, top_k: int | torch.Tensor, min_tokens_to_keep: int = 1,
                 filter_value: float = FILTER_VALUE) -> torch.Tensor:
-    """Keep tokens whose logit is >= the k-th largest (ties at the boundary survive, as in the reference)."""
-    k = min(max(top_k, min_tokens_to_keep), logits.shape[-1])
-    kth = torch.topk(logits, k).values[..., -1:]  # (B, 1)
+    """Keep tokens whose logit is >= the k-th largest (ties at the boundary survive, as in the reference).
+    Per-row top_k (B,) int: 0 in a row keeps its whole vocabulary."""
+    vocab = logits.shape[-1]
+    if not isinstance(top_k, torch.Tensor):
+        k = min(max(top_k, min_tokens_to_keep), vocab)
+        kth = torch.topk(logits, k).values[..., -1:]  # (B, 1)
+        return logits.masked_fill(logits < kth, filter_value)
+    k = top_k.to(logits.device).long().clamp(min=min_tokens_to_keep, max=vocab)
+    k = torch.where(top_k.to(logits.device) == 0, vocab, k)
+    best = torch.topk(logits, int(k.max())).values  # (B, kmax), descending
+    kth = best.gather(1, (k - 1)[:, None])
     return logits.masked_fill(logits < kth, filter_value)
 
 
-def apply_top_p(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1,
+def apply_top_p(logits: torch.Tensor, top_p: Knob, min_tokens_to_keep: int = 1,
                 filter_value: float = FILTER_VALUE) -> torch.Tensor:
-    """Nucleus filter: drop the low tail whose cumulative probability is <= 1 - top_p."""
+    """Nucleus filter: drop the low tail whose cumulative probability is <= 1 - top_p.
+    A row with top_p 1 (per-row form) only loses tokens whose probability is already 0."""
     # ascending sort: the tail to drop is at the front, the min_tokens_to_keep best at the end
     sorted_logits, order = torch.sort(logits, descending=False)
-    tail = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    tail = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - _column(top_p, logits))
     tail[..., -min_tokens_to_keep:] = False
     drop = tail.scatter(1, order, tail)  # back to vocabulary order
     return logits.masked_fill(drop, filter_value)
 
 
-def apply_min_p(logits: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1,
+def apply_min_p(logits: torch.Tensor, min_p: Knob, min_tokens_to_keep: int = 1,
                 filter_value: float = FILTER_VALUE) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the top token's probability."""
+    """Drop tokens whose probability is below min_p times the top token's probability (0 disables)."""
     probs = logits.softmax(dim=-1)
-    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    drop = probs < _column(min_p, logits) * probs.amax(dim=-1, keepdim=True)
     best = torch.topk(probs, min(min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
     drop.scatter_(-1, best, False)
     return logits.masked_fill(drop, filter_value)
