@@ -53,7 +53,8 @@ def _doc_batch():
     """The doc page's four mixed conversations, left-padded into one batch."""
     convs = [
         ([user("image", text="Describe this image.")], [("image", (1, 4, 6))]),
-        ([user("image", "image", text="What is written in the pictures?")], [("image", (1, 4, 4)), ("image", (1, 6, 4))]),
+        ([user("image", "image", text="What is written in the pictures?")],
+         [("image", (1, 4, 4)), ("image", (1, 6, 4))]),
         ([{"role": "user", "content": "who are you?"}], []),
         ([user("image", "image", "video", text="What are the common elements in these medias?")],
          [("image", (1, 6, 4)), ("image", (1, 2, 2)), ("video", (2, 4, 4))]),
