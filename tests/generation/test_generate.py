@@ -143,8 +143,11 @@ def test_return_dict_in_generate_with_scores_matches_transformers():
                           grids)
     kwargs = {"max_new_tokens": 8, "do_sample": False, "return_dict_in_generate": True, "output_scores": True,
               "output_logits": True, "repetition_penalty": 1.2}
+    free = reference.generate(**inputs, **kwargs).sequences[:, inputs["input_ids"].shape[1]:]
+    kwargs.update(eos_token_id=[int(free[0, 2])], pad_token_id=0)  # row 0 finishes at step 3, row 1 runs on
     expected, got = reference.generate(**inputs, **kwargs), ours.generate(**inputs, **kwargs)
     assert torch.equal(got.sequences, expected.sequences)
+    assert (got.sequences[0, -5:] == 0).all()
     assert len(got.scores) == len(expected.scores)
     for a, b in zip(got.scores + got.logits, expected.scores + expected.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -315,14 +315,17 @@ class _Decoder:
         for step in range(self.budget):
             tokens, scores, raw = self._pick(out.logits, step)
             del out
+            # rows that finished earlier emit pad (only without compaction do they still run)
+            was_done = finished_all[self.rows]
+            tokens = tokens.masked_fill(was_done, self.pad)
             if self.seen is not None:
                 sampling.mark_seen(self.seen, tokens)
-            done = self._finished(tokens, step)
+            done = self._finished(tokens, step) | was_done
             finished_all[self.rows[done]] = True
             yield Step(self._full(tokens, self.pad), finished_all.clone(),
                        self._full(scores, -float("inf")) if self.keep_scores else None,
                        self._full(raw, 0.0) if self.keep_scores else None)
-            if bool(done.all()):
+            if bool(finished_all.all()):
                 return
             if bool(done.any()) and not self.keep_scores:  # compact: finished rows stop costing work
                 keep = (~done).nonzero().flatten()
@@ -330,8 +333,6 @@ class _Decoder:
                 self.rows, tokens = self.rows[keep], tokens[keep]
                 self.next_pos = self.next_pos[:, keep]
                 self.seen = self.seen[keep] if self.seen is not None else None
-            if self.keep_scores:  # no compaction: finished rows keep decoding (outputs are padded)
-                tokens = torch.where(finished_all[self.rows], torch.full_like(tokens, self.pad), tokens)
             out = model(input_ids=tokens[:, None], position_ids=self.next_pos[:, :, None], past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
             self.next_pos = self.next_pos + 1
