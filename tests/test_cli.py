@@ -1,6 +1,7 @@
 """`python -m qwen2vl run|chat|info`: driven as a subprocess on tiny checkpoints (batch: test_batch.py)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -56,6 +57,19 @@ def test_run_streams_the_answer():
     proc = _cli("run", "--model", str(tiny_checkpoint("constant")), "--max-new-tokens", "5", "Hello there")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "!!!!!\n"
+
+
+def test_max_new_tokens_defaults_to_generation_config_then_256(tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("constant"), folder)
+    proc = _cli("run", "--model", str(folder), "Hello")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "!" * 256 + "\n"  # no limit in generation_config.json: the CLI's default
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 3}))
+    proc = _cli("run", "--model", str(folder), "Hello")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "!!!\n"
 
 
 def test_run_matches_the_library_api(tmp_path):

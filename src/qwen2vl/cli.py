@@ -54,7 +54,8 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-pixels", type=int, default=None, help="lower bound on pixels per image / frame")
     p.add_argument("--max-pixels", type=int, default=None, help="upper bound on pixels per image / frame")
     p.add_argument("--fps", type=float, default=None, help="frames per second sampled from videos")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: generation_config.json's, else {DEFAULT_MAX_NEW_TOKENS}")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -151,6 +152,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     model, processor = jobs.load_pipeline(
         model_id, dtype=_dtype(args.dtype, device), device=device, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, attn_implementation=args.attn_implementation)
+    generation = getattr(model, "generation_config", None)
+    if args.max_new_tokens is None and getattr(generation, "max_new_tokens", None) is None \
+            and getattr(generation, "max_length", None) is None:
+        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS  # transformers' max_length=20 is too short for a CLI
     if args.seed is not None:
         import torch
 
@@ -242,7 +247,7 @@ def _answer(model: Any, processor: Any, messages: list[dict], args: argparse.Nam
 
 
 def _visual_tokens(model: Any, inputs: Any) -> list[dict]:
-    """Placeholder tokens per image / video: t*h*w patches / merge_size² (in conversation order)."""
+    """Placeholder tokens per item: t*h*w patches / merge_size² (images in order, then videos)."""
     merge = model.config.vision_config.spatial_merge_size
     items = []
     for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
