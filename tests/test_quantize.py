@@ -179,6 +179,8 @@ def test_tied_head_of_a_loaded_checkpoint_is_packed_and_embedding_still_reads_ri
         assert isinstance(model.lm_head, PackedLinear)
         assert torch.equal(model(input_ids=ids).logits, ref)
         assert torch.equal(model.model.language_model.embed_tokens.weight, expected_embed)
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (2, 10)
 
 
 def test_an_edited_embedding_is_not_released(tmp_path):

@@ -46,8 +46,8 @@ class Int8Linear(nn.Module):
             self.weight = tied_weight
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tied: bool = False) -> "Int8Linear":
-        q, scales = quantize_weight_int8(linear.weight.detach(), linear.weight.dtype)
+    def from_linear(cls, linear: nn.Linear, tied: bool = False, release=None) -> "Int8Linear":
+        q, scales = quantize_weight_int8(linear.weight.detach(), linear.weight.dtype, release=release)
         return cls(q, scales, linear.bias, linear.weight if tied else None)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -75,11 +75,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_weight_int8(weight: torch.Tensor, scale_dtype: torch.dtype,
-                         chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight_int8(weight: torch.Tensor, scale_dtype: torch.dtype, chunk_rows: int = 4096,
+                         release=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: scale = max|w_row| / 127 (rounded to scale_dtype first, so the stored
     scale is the one used), q = round(w / scale) clamped to [-127, 127]. Returns (q (N, K), scales (N,)).
-    Works chunk_rows rows at a time, so the fp32 temporaries stay small (the 2B vocabulary is 151,936 rows)."""
+    Works chunk_rows rows at a time, so the fp32 temporaries stay small (the 2B vocabulary is 151,936 rows);
+    release(rows) is called with each finished block of source rows (to drop its mmap'd pages)."""
     n = weight.shape[0]
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
@@ -88,6 +89,8 @@ def quantize_weight_int8(weight: torch.Tensor, scale_dtype: torch.dtype,
         s = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
         scales[lo:lo + chunk_rows] = s
         q[lo:lo + chunk_rows] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        if release is not None:
+            release(weight[lo:lo + chunk_rows])
     return q, scales
 
 
@@ -97,17 +100,27 @@ class PackedLinear(nn.Module):
     torch's plain bf16 CPU linear re-lays the weight out on every call; that costs as much as the
     matmul itself at decode (1 row). The packed matmul gives bit-identical results."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1, tied: bool = False, release=None,
+                 chunk_rows: int = 32768) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        self.dtype = linear.weight.dtype
+        weight, bias = linear.weight.detach(), linear.bias
+        # blocks of output rows (the 151,936-row vocabulary -> 5), so that packing holds at most one
+        # block of the source resident before release(rows) drops its mmap'd pages
+        self.packed, self.bias = [], []
+        for lo in range(0, self.out_features, chunk_rows):
+            self.packed.append(torch.ops.mkldnn._reorder_linear_weight(weight[lo:lo + chunk_rows], batch_hint))
+            self.bias.append(None if bias is None else bias.detach()[lo:lo + chunk_rows])
+            if release is not None:
+                release(weight[lo:lo + chunk_rows])
+        if tied:  # the embedding's matrix stays reachable as lm_head.weight (dtype/device lookups)
+            self.weight = linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        parts = [torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "") for w, b in zip(self.packed, self.bias)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -143,11 +156,12 @@ class _PageReleaser:
     Anonymous memory is never touched."""
 
     _MADV_DONTNEED = 4
-    _CHUNK = 64 << 20
+    _CHUNK = 8 << 20
 
     def __init__(self) -> None:
         self.maps: list[tuple[int, int, int, str]] = []  # (start, end, file offset, path)
         self.libc = None
+        self.released = 0  # bytes
         if not sys.platform.startswith("linux"):
             return
         try:
@@ -174,12 +188,13 @@ class _PageReleaser:
     def _equals_file(self, tensor: torch.Tensor, mapping: tuple[int, int, int, str]) -> bool:
         flat = tensor.detach().reshape(-1).view(torch.uint8)
         offset = tensor.data_ptr() - mapping[0] + mapping[2]
+        buffer = bytearray(min(self._CHUNK, flat.numel()))
+        disk = torch.frombuffer(buffer, dtype=torch.uint8)
         with open(mapping[3], "rb") as f:
+            f.seek(offset)
             for i in range(0, flat.numel(), self._CHUNK):
                 n = min(self._CHUNK, flat.numel() - i)
-                f.seek(offset + i)
-                disk = torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8)
-                if disk.numel() != n or not torch.equal(disk, flat[i:i + n]):
+                if f.readinto(memoryview(buffer)[:n]) != n or not torch.equal(disk[:n], flat[i:i + n]):
                     return False
         return True
 
@@ -195,7 +210,12 @@ class _PageReleaser:
         lo, hi = -(-start // page) * page, end // page * page  # pages wholly inside [start, end)
         if hi <= lo or self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self._MADV_DONTNEED):
             return 0
+        self.released += hi - lo
         return hi - lo
+
+    def releaser(self, in_use: bool):
+        """release() with in_use fixed, for the row-block callbacks of the swaps."""
+        return lambda rows: self.release(rows, in_use=in_use)
 
 
 @torch.no_grad()
@@ -210,16 +230,14 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
                           "pass a Qwen2VLForConditionalGeneration or a text model")
     shared = _embedding_ptrs(model)
     pages = _PageReleaser()
-    released = 0
     for name, linear in targets:
         if not linear.weight.dtype.is_floating_point:
             raise ConfigError(f"quantize_int8: {name} has dtype {linear.weight.dtype}; "
                               "quantise a floating-point (bf16/fp16/fp32) model once")
         tied = linear.weight.data_ptr() in shared
-        _swap(model, name, Int8Linear.from_linear(linear, tied=tied))
-        released += pages.release(linear.weight, in_use=tied)
+        _swap(model, name, Int8Linear.from_linear(linear, tied=tied, release=pages.releaser(in_use=tied)))
     logger.info("quantize_int8: %d Linear layers -> int8 (%.0f MB of mapped pages released)",
-                len(targets), released / 1e6)
+                len(targets), pages.released / 1e6)
     return model
 
 
@@ -247,7 +265,7 @@ def pack_for_cpu(model: nn.Module, include_vision: bool = True,
                           "run unpacked or use quantize_int8")
     embed_ptrs = _embedding_ptrs(model)
     pages = _PageReleaser()
-    count = released = 0
+    count = 0
     if include_tied_lm_head == "auto":
         include_tied_lm_head = all(pages.file_backed(m.weight) for m in model.modules()
                                    if isinstance(m, nn.Embedding))
@@ -260,9 +278,9 @@ def pack_for_cpu(model: nn.Module, include_vision: bool = True,
             continue
         if module.weight.data_ptr() in embed_ptrs and not include_tied_lm_head:
             continue
-        _swap(model, name, PackedLinear(module))
-        released += pages.release(module.weight, in_use=module.weight.data_ptr() in embed_ptrs)
+        tied = module.weight.data_ptr() in embed_ptrs
+        _swap(model, name, PackedLinear(module, tied=tied, release=pages.releaser(in_use=tied)))
         count += 1
     logger.info("pack_for_cpu: %d Linear layers prepacked (%.0f MB of mapped pages released)", count,
-                released / 1e6)
+                pages.released / 1e6)
     return model
