@@ -38,6 +38,7 @@ def _text_inputs(*texts):
     ({"num_return_sequences": 2, "do_sample": False}, ConfigError, r"num_return_sequences=2 needs do_sample"),
     ({"num_beams": 4}, ConfigError, r"num_beams=4 is not supported"),
     ({"max_tokens": 5}, InputError, r"unknown argument\(s\) \['max_tokens'\]"),
+    ({"stopping_criteria": [lambda ids, scores: True]}, InputError, r"\['stopping_criteria'\] are not supported"),
     ({"seed": 1, "generator": torch.Generator(), "do_sample": True}, InputError, r"seed"),
 ])
 def test_bad_arguments_name_the_argument_and_range(kwargs, error, pattern):

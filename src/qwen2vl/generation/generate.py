@@ -77,6 +77,10 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds", "pixel_values",
                  "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
 _IGNORED = ("rope_deltas", "logits_to_keep", "output_attentions", "output_hidden_states", "token_type_ids",
             "synced_gpus")
+# transformers generate() arguments this loop does not implement (a clear error beats silently ignoring them)
+_UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
+                "negative_prompt_ids", "custom_generate", "num_beam_groups", "typical_p", "no_repeat_ngram_size",
+                "bad_words_ids", "suppress_tokens", "max_time", "top_h", "epsilon_cutoff", "eta_cutoff")
 
 
 @dataclass
@@ -154,6 +158,12 @@ def prepare_inputs(model: Any, kwargs: dict[str, Any], config: GenerationConfig)
         raise InputError("generate: past_key_values / position_ids cannot be passed; generate builds its own "
                          "cache and positions (call the model's forward for manual decoding)")
     unknown = [k for k in unknown if k not in ("past_key_values", "position_ids")]
+    unsupported = [k for k in unknown if k in _UNSUPPORTED and kwargs[k] is not None]
+    if unsupported:
+        raise InputError(f"generate: {unsupported} are not supported by qwen2vl's generate; supported are "
+                         "greedy/sampling with temperature, top_k, top_p, min_p, repetition_penalty, "
+                         "min/max_new_tokens, eos_token_id and stop_strings")
+    unknown = [k for k in unknown if k not in _UNSUPPORTED]
     if unknown:
         raise InputError(f"generate: unknown argument(s) {unknown}; allowed are the processor outputs "
                          f"{list(_MODEL_INPUTS)} and the GenerationConfig fields {sorted(_FIELDS)}")
