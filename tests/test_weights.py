@@ -58,7 +58,23 @@ def test_single_file_round_trip(saved):
     loaded = Qwen2VLForConditionalGeneration.from_pretrained(folder)
     assert _same_weights(model, loaded)
     assert loaded.dtype == torch.float32 and loaded.device.type == "cpu" and not loaded.training
-    assert loaded.name_or_path == str(folder) and loaded.generation_config is None
+    assert loaded.name_or_path == str(folder)
+    # as in transformers: without generation_config.json, bos/eos/pad come from config.json
+    assert loaded.generation_config.eos_token_id == model.config.text_config.eos_token_id
+
+
+def test_generation_config_defaults_from_config_json_when_file_absent(saved, tmp_path):
+    model, folder = saved
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in folder.iterdir():
+        if f.name != "generation_config.json":
+            (bare / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg["text_config"]["eos_token_id"] = 7
+    (bare / "config.json").write_text(json.dumps(cfg))
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(bare)
+    assert loaded.generation_config.eos_token_id == 7
 
 
 def test_sharded_with_index(saved, tmp_path):

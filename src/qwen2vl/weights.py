@@ -202,9 +202,9 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, dtype: Any = "
     model.tie_weights()
     model.config.dtype = str(torch_dtype).removeprefix("torch.")
     model.name_or_path = str(path_or_hub_id)
-    gen_cls = getattr(config_module, "GenerationConfig", None)
-    if gen_cls is not None and hasattr(gen_cls, "from_pretrained"):
-        model.generation_config = gen_cls.from_pretrained(folder, missing_ok=True)
+    # generation_config.json when shipped, else bos/eos/pad from config.json (what transformers does)
+    model.generation_config = (config_module.GenerationConfig.from_pretrained(folder, missing_ok=True)
+                               or config_module.GenerationConfig.from_model_config(model.config))
     return model.eval()
 
 

@@ -102,3 +102,21 @@ def test_dynamic_cache_rejects_a_mask_of_the_wrong_width(model):
         model(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache)
         with pytest.raises(InputError, match="pass a mask of 5 columns"):
             model(input_ids=torch.tensor([[4, 5]]), attention_mask=torch.ones(1, 3), past_key_values=cache)
+
+
+def test_static_cache_select_rows_keeps_decoding_the_kept_row(model, batch):
+    """Dropping row 0 after the prefill: row 1 decodes exactly as in the full batch, on the same buffers."""
+    expected = _full_logits(model, batch)[1:]
+    cache = StaticCache(model.config, batch_size=2, max_cache_len=32)
+    pointers = [t.data_ptr() for t in cache.key_cache]
+    with torch.no_grad():
+        model(**batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.select_rows(torch.tensor([1]))
+        assert cache.batch_size == 1 and cache.rope_deltas.tolist() == [[0]]
+        mask, steps = batch["attention_mask"][1:], []
+        for i in range(3):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+            steps.append(model(input_ids=NEW[1:, i:i + 1], attention_mask=mask, past_key_values=cache,
+                               use_cache=True).logits)
+    assert rel_diff(torch.cat(steps, 1), expected) < 1e-5
+    assert [t.data_ptr() for t in cache.key_cache] == pointers  # views of the original allocation

@@ -233,25 +233,6 @@ def sampling_params(config: GenerationConfig) -> sampling.SamplingParams:
         top_p=float(config.top_p), min_p=config.min_p, repetition_penalty=float(config.repetition_penalty))
 
 
-def _select_rows(cache: StaticCache, keep: torch.Tensor) -> None:
-    """Drop finished rows from the cache in place: the kept rows move to the front and the cache
-    continues on views of the first n rows (no new allocation per token; at most B-1 times per call).
-    Uses the cache's own `select_rows` when it has one (else its documented tensors)."""
-    if hasattr(cache, "select_rows"):
-        cache.select_rows(keep)
-        return
-    n = int(keep.numel())
-    for layer in range(len(cache.key_cache)):
-        for store in (cache.key_cache, cache.value_cache):
-            store[layer][:n] = store[layer].index_select(0, keep)
-            store[layer] = store[layer][:n]
-    cache.lengths = cache.lengths.index_select(0, keep)
-    cache.valid = cache.valid.index_select(0, keep)
-    if cache.rope_deltas is not None:
-        cache.rope_deltas = cache.rope_deltas.index_select(0, keep)
-    cache.batch_size = n
-
-
 class _Decoder:
     """The decode loop state for one call: which original rows are still running, and their tensors."""
 
@@ -339,7 +320,7 @@ class _Decoder:
                 return
             if bool(done.any()) and not self.keep_scores:  # compact: finished rows stop costing work
                 keep = (~done).nonzero().flatten()
-                _select_rows(cache, keep)
+                cache.select_rows(keep)  # finished rows leave; no new k/v memory
                 self.rows, tokens = self.rows[keep], tokens[keep]
                 self.next_pos = self.next_pos[:, keep]
                 self.seen = self.seen[keep] if self.seen is not None else None

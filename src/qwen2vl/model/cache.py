@@ -13,7 +13,7 @@ k/v (B, Hkv, max_cache_len, D), `lengths` (B,) filled slots per row and `valid` 
 slots holding real tokens. Row b's L new tokens go to slots lengths[b]..lengths[b]+L-1; their
 validity comes from the last L columns of the 2-D attention_mask (all valid without one); a query
 in slot s attends to slots that are valid and <= s. Rows may sit at different lengths (continuous
-batching: `reset_rows` empties some rows). Decoding never reallocates.
+batching: `reset_rows` empties rows, `select_rows` drops finished ones). Decoding never reallocates.
 """
 
 from __future__ import annotations
@@ -112,6 +112,21 @@ class StaticCache:
         rows = torch.as_tensor(rows, device=self.lengths.device)
         self.lengths[rows] = 0
         self.valid[rows] = False
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only rows `keep` (sorted indices), moved to the front; the cache continues on views of the
+        first n rows of the same buffers, so dropping finished rows never allocates k/v memory."""
+        keep = torch.as_tensor(keep, device=self.lengths.device)
+        n = int(keep.numel())
+        for store in (self.key_cache, self.value_cache):
+            for layer, buf in enumerate(store):
+                buf[:n] = buf.index_select(0, keep.to(buf.device))  # gather first: rows may move down
+                store[layer] = buf[:n]
+        self.lengths = self.lengths.index_select(0, keep)
+        self.valid = self.valid.index_select(0, keep)
+        if self.rope_deltas is not None:
+            self.rope_deltas = self.rope_deltas.index_select(0, keep.to(self.rope_deltas.device))
+        self.batch_size = n
 
     def begin(self, new_len: int, attention_mask: torch.Tensor | None, device: torch.device,
               batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.config import GenerationConfig, Qwen2VLConfig
 from qwen2vl.errors import InputError
 from qwen2vl.model import rope
 from qwen2vl.model.attention import check_backend
@@ -179,7 +179,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.model = Qwen2VLModel(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.generation_config = None  # set by from_pretrained when generation_config.json exists
+        # decoding defaults: from_pretrained replaces these with generation_config.json when shipped
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.name_or_path = ""
         self.set_attn_implementation(config.attn_implementation or "sdpa")
         if self.lm_head.weight.device.type != "meta":
