@@ -115,6 +115,23 @@ def load_model(impl: str, ckpt: Path, mode: str):
     return model
 
 
+def decode_weight_bytes(model) -> int:
+    """Bytes of matmul weights one decode step reads: text-decoder projections + lm_head."""
+    from torch import nn
+
+    total = 0
+    for name, module in model.named_modules():
+        if "visual" in name.split("."):
+            continue
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif hasattr(module, "weight_int8"):  # qwen2vl.quantize.Int8Linear (+ bf16 scales)
+            total += module.weight_int8.numel() + 2 * module.out_features
+        elif hasattr(module, "packed"):  # qwen2vl.quantize.PackedLinear (bf16)
+            total += 2 * module.in_features * module.out_features
+    return total
+
+
 def int8_logit_error(model, ckpt: Path) -> dict:
     """Quantise in place and compare text-only logits (all positions of a short prompt) to bf16."""
     import torch
@@ -161,6 +178,7 @@ def child(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.impl}: generated {new.shape[1]} tokens ({len(streamer.stamps)} streamed), "
                          f"expected {args.new_tokens}: eos was not ignored")
     first, last = streamer.stamps[0], streamer.stamps[-1]
+    extra["decode_weight_gb"] = decode_weight_bytes(model) / 1e9
     if profiler is not None:
         extra.update(profile_summary(profiler, args.new_tokens - 1, last - first))
     common.emit({
@@ -223,6 +241,61 @@ def report(batch: int, results: dict[str, list[dict]]) -> str:
     return common.table(rows, header)
 
 
+def text_inputs() -> Path:
+    """A 14-token text-only prompt (for decode profiles: a cheap prefill, the same decode work)."""
+    import torch
+
+    path = common.BENCH_DIR / "inputs-text-b1.pt"
+    ids = torch.tensor([WARMUP_IDS])
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, path)
+    return path
+
+
+def child_args(variant: str, ckpt: Path, inputs: Path, new_tokens: int, *extra: str) -> list[str]:
+    impl, _, mode = variant.partition("-")
+    return ["--impl", impl, "--mode", mode or "bf16", "--ckpt", str(ckpt), "--inputs", str(inputs),
+            "--new-tokens", str(new_tokens), *extra]
+
+
+def run_batch(args: argparse.Namespace, ckpt: Path, batch: int, variants: list[str]) -> None:
+    inputs = make_inputs(ckpt, batch)
+    results = common.interleaved(args.runs, lambda v: common.run_child(
+        "generation.py", child_args(v, ckpt, inputs, args.new_tokens, "--threads", str(args.threads))), variants)
+    strict = [v for v in variants if v != "hf" and not v.endswith("int8")]
+    notes = check_ids(results, strict, args.allow_id_mismatch)
+    print(f"\n## {args.shape} batch {batch}, {args.new_tokens} new tokens, median of {args.runs} runs")
+    print(report(batch, results))
+    for v in variants:
+        gb = results[v][0]["decode_weight_gb"]
+        print(f"- {v}: decode reads {gb:.2f} GB of weights per step -> "
+              f"{gb * common.median(results[v], 'decode_tok_s'):.1f} GB/s effective")
+    for note in notes:
+        print(f"- {note}")
+    if "ours-int8" in variants and batch == args.batch[0]:
+        check = common.run_child("generation.py", ["--impl", "ours", "--ckpt", str(ckpt), "--logit-check"])
+        print(f"- int8 logits vs bf16 (14-token text prompt, all positions): {check}")
+
+
+def run_profiles(args: argparse.Namespace, ckpt: Path, variants: list[str]) -> None:
+    """One profiled child per variant: batch 1, text-only prompt, decode steps only."""
+    inputs = text_inputs()
+    rows = []
+    for v in variants:
+        r = common.run_child("generation.py", child_args(v, ckpt, inputs, args.new_tokens, "--profile", "--threads",
+                                                                 str(args.threads)))
+        cats = {k[5:-3]: r[k] for k in r if k.startswith("prof_") and k.endswith("_ms")}
+        step = r["decode_ms_per_step"]
+        rows.append([v, f"{step:.1f}"] + [f"{cats.get(c, 0.0):.1f}" for c in PROFILE_COLUMNS]
+                    + [f"{r['decode_weight_gb'] / (cats.get('matmul', 0.0) / 1e3):.1f}",
+                       f"{r['decode_weight_gb'] / (step / 1e3):.1f}"])
+        print(f"[bench] {v} top ops: " + "; ".join(r["prof_top_ops"]), flush=True)
+    print(f"\n## decode profile, {args.shape}, batch 1, text prompt, ms per step (profiler on)")
+    print(common.table(rows, ["variant", "step ms"] + PROFILE_COLUMNS + ["GB/s in matmuls", "GB/s overall"]))
+
+
+PROFILE_COLUMNS = ["matmul", "attention", "elementwise", "copy/cat/index", "other ops", "overhead"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -230,41 +303,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=("bf16", "packed", "int8"), default="bf16")
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--inputs", type=Path)
-    parser.add_argument("--shape", default="2b", help="2b | 7b | tiny (smoke test)")
+    parser.add_argument("--shape", default="2b", help="2b | 7b | mini | tiny (the last two: smoke tests)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--logit-check", action="store_true", help="child: int8 vs bf16 logits only")
-    parser.add_argument("--profile", action="store_true", help="child: torch.profiler summary of the decode steps")
-    parser.add_argument("--threads", type=int, default=0, help="child: torch.set_num_threads (0 = default)")
+    parser.add_argument("--modes", nargs="+", default=["bf16", "packed", "int8"], choices=("bf16", "packed", "int8"),
+                        help="our variants to run next to transformers' bf16 (packed/int8: qwen2vl.quantize swaps)")
+    parser.add_argument("--profile-only", action="store_true", help="decode profiles instead of timings")
     parser.add_argument("--allow-id-mismatch", action="store_true",
                         help="report timings even when greedy ids differ (marked UNVERIFIED)")
-    parser.add_argument("--modes", nargs="+", default=["bf16"], choices=("bf16", "packed", "int8"),
-                        help="our modes to run next to transformers' bf16 (packed/int8 are opt-in swaps)")
+    parser.add_argument("--logit-check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the children (0 = torch default)")
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
     ckpt = common.checkpoint_dir(args.shape)
     print(f"[bench] machine: {common.machine_info()}")
+    variants = ["hf"] + [f"ours-{m}" if m != "bf16" else "ours" for m in args.modes]
+    if args.profile_only:
+        return run_profiles(args, ckpt, variants)
     for batch in args.batch:
-        inputs = make_inputs(ckpt, batch)
-        variants = ["hf"] + [f"ours-{m}" if m != "bf16" else "ours" for m in args.modes]
-
-        def measure(variant: str) -> dict:
-            impl, _, mode = variant.partition("-")
-            return common.run_child("generation.py", ["--impl", impl, "--mode", mode or "bf16", "--ckpt", str(ckpt),
-                                                      "--inputs", str(inputs), "--new-tokens",
-                                                      str(args.new_tokens)])
-        results = common.interleaved(args.runs, measure, variants)
-        strict = [v for v in variants if v != "hf" and not v.endswith("int8")]
-        notes = check_ids(results, strict, args.allow_id_mismatch)
-        print(f"\n## {args.shape} batch {batch}, {args.new_tokens} new tokens, median of {args.runs} runs")
-        print(report(batch, results))
-        for note in notes:
-            print(f"- {note}")
-        if "int8" in args.modes and batch == args.batch[0]:
-            check = common.run_child("generation.py", ["--impl", "ours", "--ckpt", str(ckpt), "--logit-check"])
-            print(f"- int8 logits vs bf16 (14-token text prompt, all positions): {check}")
+        run_batch(args, ckpt, batch, variants)
 
 
 if __name__ == "__main__":

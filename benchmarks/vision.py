@@ -1,6 +1,6 @@
 """Vision-tower benchmark: images/s of get_image_features, qwen2vl vs transformers, fresh processes.
 
-    python benchmarks/vision.py --shape 2b --sizes 448 896 --runs 3
+    python benchmarks/vision.py --shape 2b --sizes 448 896 --runs 3 --modes bf16 packed
 
 Both implementations get the same pixel rows (transformers' processor output for a seeded noise
 image of each size, saved once under .bench/) and the same checkpoint. Each child loads the model,
@@ -74,19 +74,20 @@ def child(args: argparse.Namespace) -> None:
     common.emit(result)
 
 
-def compare_outputs(sizes: list[int], mode: str) -> dict[int, float]:
+def compare_outputs(sizes: list[int], variant: str) -> dict[int, float]:
     import torch
 
+    impl, _, mode = variant.partition("-")
     errors = {}
     for size in sizes:
         ref = torch.load(common.BENCH_DIR / f"vision-out-hf-bf16-{size}.pt")
-        got = torch.load(common.BENCH_DIR / f"vision-out-ours-{mode}-{size}.pt")
+        got = torch.load(common.BENCH_DIR / f"vision-out-{impl}-{mode or 'bf16'}-{size}.pt")
         if got.shape != ref.shape:
-            raise SystemExit(f"vision features differ in shape at {size}: ours {tuple(got.shape)} vs hf "
+            raise SystemExit(f"vision features differ in shape at {size}: {variant} {tuple(got.shape)} vs hf "
                              f"{tuple(ref.shape)}; no timing reported")
         errors[size] = ((got - ref).abs().max() / ref.abs().max()).item()
         if errors[size] > TOLERANCE:
-            raise SystemExit(f"vision features differ at {size}: relative max error {errors[size]:.3g} > "
+            raise SystemExit(f"vision features differ at {size}: {variant} relative max error {errors[size]:.3g} > "
                              f"{TOLERANCE}; no timing reported")
     return errors
 
@@ -97,32 +98,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", choices=common.IMPLS)
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--pixels", type=Path, nargs="+")
-    parser.add_argument("--shape", default="2b", help="2b | 7b | tiny (smoke test)")
+    parser.add_argument("--shape", default="2b", help="2b | 7b | mini | tiny (the last two: smoke tests)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 896])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--iters", type=int, default=1, help="timed calls per size in each process")
-    parser.add_argument("--mode", choices=("bf16", "packed"), default="bf16",
-                        help="ours: plain bf16 Linear, or oneDNN-prepacked (qwen2vl.quantize.pack_for_cpu)")
+    parser.add_argument("--mode", choices=("bf16", "packed"), default="bf16", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", nargs="+", choices=("bf16", "packed"), default=["bf16", "packed"],
+                        help="our variants: plain bf16, or oneDNN-prepacked (qwen2vl.quantize.pack_for_cpu)")
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
     ckpt = common.checkpoint_dir(args.shape)
     pixels = [str(make_pixels(ckpt, s)) for s in args.sizes]
+    variants = ["hf"] + [f"ours-{m}" if m != "bf16" else "ours" for m in args.modes]
 
-    def measure(impl: str) -> dict:
-        mode = args.mode if impl == "ours" else "bf16"
-        return common.run_child("vision.py", ["--impl", impl, "--mode", mode, "--ckpt", str(ckpt), "--iters",
-                                              str(args.iters), "--sizes", *map(str, args.sizes),
+    def measure(variant: str) -> dict:
+        impl, _, mode = variant.partition("-")
+        return common.run_child("vision.py", ["--impl", impl, "--mode", mode or "bf16", "--ckpt", str(ckpt),
+                                              "--iters", str(args.iters), "--sizes", *map(str, args.sizes),
                                               "--pixels", *pixels])
-    results = common.interleaved(args.runs, measure)
-    errors = compare_outputs(args.sizes, args.mode)
+    results = common.interleaved(args.runs, measure, variants)
     rows = []
-    for size in args.sizes:
-        med = {i: common.median(results[i], f"img_s_{size}") for i in common.IMPLS}
-        rows.append([f"{size}x{size}", f"{med['ours']:.3f}", f"{med['hf']:.3f}", f"{med['ours'] / med['hf']:.2f}x",
-                     f"{errors[size]:.2g}"])
-    print(f"\n## vision tower, {args.shape}, ours={args.mode}, median of {args.runs} runs")
-    print(common.table(rows, ["image", "ours img/s", "hf img/s", "ours/hf", "max rel. diff"]))
+    for variant in variants[1:]:
+        errors = compare_outputs(args.sizes, variant)
+        for size in args.sizes:
+            ours, hf = (common.median(results[v], f"img_s_{size}") for v in (variant, "hf"))
+            rows.append([variant, f"{size}x{size}", f"{ours:.3f}", f"{hf:.3f}", f"{ours / hf:.2f}x",
+                         f"{errors[size]:.2g}"])
+    print(f"\n## vision tower, {args.shape}, median of {args.runs} runs")
+    print(common.table(rows, ["variant", "image", "ours img/s", "hf img/s", "ours/hf", "max rel. diff"]))
 
 
 if __name__ == "__main__":
