@@ -450,21 +450,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    text, vision, counts = report["text"], report["vision"], report["parameters"]
-    print(f"model:        {model_id}")
-    print(f"architecture: Qwen2VLForConditionalGeneration (model_type qwen2_vl)")
-    print(f"text:         {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
-          f"{text['num_attention_heads']} heads / {text['num_key_value_heads']} kv heads, "
-          f"intermediate {text['intermediate_size']}, vocab {text['vocab_size']}, tied {text['tie_word_embeddings']}")
-    print(f"vision:       depth {vision['depth']}, embed_dim {vision['embed_dim']}, {vision['num_heads']} heads, "
-          f"patch {vision['patch_size']}, merge {vision['spatial_merge_size']}, "
-          f"temporal patch {vision['temporal_patch_size']}")
-    print(f"parameters:   vision {_human(counts['vision'])}, text {_human(counts['text'])}, "
-          f"total {_human(counts['total'])} ({counts['total']:,})")
-    print(f"dtype:        {dtype} on {device} (checkpoint: {report['checkpoint_dtype'] or 'unknown'})")
-    mem = report["memory"]
-    print(f"memory:       weights {_gib(mem['weights_bytes'])}; KV cache {mem['kv_cache_bytes_per_token']:,} B/token "
-          f"({_gib(mem['kv_cache_bytes_per_token'] * 4096)} per 4096-token sequence)")
+    counts, mem = report["parameters"], report["memory"]
+    rows = {
+        "model": model_id,
+        "architecture": "Qwen2VLForConditionalGeneration (model_type qwen2_vl)",
+        "text": ", ".join(f"{k} {v}" for k, v in report["text"].items()),
+        "vision": ", ".join(f"{k} {v}" for k, v in report["vision"].items()),
+        "parameters": f"vision {_human(counts['vision'])}, text {_human(counts['text'])}, "
+                      f"total {_human(counts['total'])} ({counts['total']:,})",
+        "dtype": f"{dtype} on {device} (checkpoint: {config.dtype or 'unknown'})",
+        "memory": f"weights {_gib(mem['weights_bytes'])}; KV cache {mem['kv_cache_bytes_per_token']:,} B/token "
+                  f"({_gib(mem['kv_cache_bytes_per_token'] * 4096)} per 4096-token sequence)",
+    }
+    for key, value in rows.items():
+        print(f"{key + ':':<14}{value}")
     return 0
 
 
