@@ -25,6 +25,7 @@ SHAPES = {
     "7b": (3584, 28, 28, 4, 18944, 152064, False, 32, 1280, 16),
     "tiny": (256, 2, 2, 1, 512, 151936, False, 2, 64, 4),  # smoke tests only (head_dim 128 for M-RoPE)
     "mini": (1536, 2, 12, 2, 8960, 151936, True, 2, 1280, 16),  # 2B widths, 2 + 2 layers: memory checks
+    "overhead": (256, 28, 2, 1, 512, 151936, True, 2, 64, 4),  # 2B depth, tiny widths: per-step overhead
 }
 SHARD_BYTES = 2 * 1024**3
 STD = 0.02  # initializer_range of the released configs

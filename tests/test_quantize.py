@@ -163,6 +163,10 @@ def test_swaps_on_a_loaded_checkpoint_keep_outputs(tmp_path):
         got = quantize_int8(model)(input_ids=ids).logits
     spread = (ref.float().max() - ref.float().min()).item()
     assert (got.float() - expected.float()).abs().max().item() <= 0.05 * spread
+    # the untied head's mmap'd matrix stays reachable (model.device / dtype, state_dict) after the swap
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight.shape == (256, 64)
+    out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (2, 9)
 
 
 def test_tied_head_of_a_loaded_checkpoint_is_packed_and_embedding_still_reads_right(tmp_path):

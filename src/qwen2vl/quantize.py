@@ -34,21 +34,21 @@ class Int8Linear(nn.Module):
     """y = (x @ q.T) * scales + bias, with q int8 (N, K) and scales (N,) in the activation dtype."""
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 tied_weight: nn.Parameter | None = None) -> None:
+                 keep_weight: nn.Parameter | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        if tied_weight is not None:
-            # a lm_head tied to the embedding keeps the shared matrix as `.weight` (no extra memory:
+        if keep_weight is not None:
+            # see _keeps_weight: `.weight` stays reachable (dtype/device lookups, state_dict) at no
             # the embedding holds it anyway), so code reading lm_head.weight.dtype/.device still works
-            self.weight = tied_weight
+            self.weight = keep_weight
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tied: bool = False, release=None) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, keep_weight: bool = False, release=None) -> "Int8Linear":
         q, scales = quantize_weight_int8(linear.weight.detach(), linear.weight.dtype, release=release)
-        return cls(q, scales, linear.bias, linear.weight if tied else None)
+        return cls(q, scales, linear.bias, linear.weight if keep_weight else None)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (N, K) weight the int8 values stand for, in `dtype` (default: the scales' dtype)."""
@@ -100,7 +100,7 @@ class PackedLinear(nn.Module):
     torch's plain bf16 CPU linear re-lays the weight out on every call; that costs as much as the
     matmul itself at decode (1 row). The packed matmul gives bit-identical results."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1, tied: bool = False, release=None,
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1, keep_weight: bool = False, release=None,
                  chunk_rows: int = 32768) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -113,7 +113,7 @@ class PackedLinear(nn.Module):
             self.bias.append(None if bias is None else bias.detach()[lo:lo + chunk_rows])
             if release is not None:
                 release(weight[lo:lo + chunk_rows])
-        if tied:  # the embedding's matrix stays reachable as lm_head.weight (dtype/device lookups)
+        if keep_weight:  # see _keeps_weight
             self.weight = linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,10 +235,18 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
             raise ConfigError(f"quantize_int8: {name} has dtype {linear.weight.dtype}; "
                               "quantise a floating-point (bf16/fp16/fp32) model once")
         tied = linear.weight.data_ptr() in shared
-        _swap(model, name, Int8Linear.from_linear(linear, tied=tied, release=pages.releaser(in_use=tied)))
+        _swap(model, name, Int8Linear.from_linear(linear, keep_weight=_keeps_weight(linear, tied, pages),
+                                                  release=pages.releaser(in_use=tied)))
     logger.info("quantize_int8: %d Linear layers -> int8 (%.0f MB of mapped pages released)",
                 len(targets), pages.released / 1e6)
     return model
+
+
+def _keeps_weight(linear: nn.Linear, tied: bool, pages: _PageReleaser) -> bool:
+    """Whether the swapped layer keeps the old matrix as `.weight`: when that is free, i.e. it is the
+    embedding's (tied) or mmap'd from the checkpoint (its pages are released; reads fault them back).
+    Code that reads lm_head.weight.dtype/.device, and state_dict, then keep working."""
+    return tied or pages.file_backed(linear.weight)
 
 
 def _embedding_ptrs(model: nn.Module) -> set[int]:
@@ -279,7 +287,8 @@ def pack_for_cpu(model: nn.Module, include_vision: bool = True,
         if module.weight.data_ptr() in embed_ptrs and not include_tied_lm_head:
             continue
         tied = module.weight.data_ptr() in embed_ptrs
-        _swap(model, name, PackedLinear(module, tied=tied, release=pages.releaser(in_use=tied)))
+        _swap(model, name, PackedLinear(module, keep_weight=_keeps_weight(module, tied, pages),
+                                        release=pages.releaser(in_use=tied)))
         count += 1
     logger.info("pack_for_cpu: %d Linear layers prepacked (%.0f MB of mapped pages released)", count,
                 pages.released / 1e6)
