@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -183,11 +184,13 @@ class _TimedStreamer:
     """Streamer shim: notes when the first new token arrives, then forwards to the text streamer."""
 
     def __init__(self, inner: Any = None):
-        self.inner, self.puts = inner, 0
+        self.inner, self.puts, self.cancelled = inner, 0, False
         self.start = time.perf_counter()
         self.first: float | None = None
 
     def put(self, value: Any) -> None:
+        if self.cancelled:  # the reader stopped (Ctrl-C, closed pipe): end generate() at its next step
+            raise RuntimeError("generation cancelled")
         self.puts += 1
         if self.puts == 2:  # put #1 is the prompt (transformers' streamer protocol)
             self.first = time.perf_counter()
@@ -227,9 +230,12 @@ def _answer(model: Any, processor: Any, messages: list[dict], args: argparse.Nam
     else:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        for chunk in text_streamer:
-            on_text(chunk)
-        thread.join()
+        try:
+            for chunk in text_streamer:
+                on_text(chunk)
+        finally:
+            timer.cancelled = True  # a no-op after a normal end; otherwise stops the worker
+            thread.join()
     if "error" in box:
         raise box["error"]
     done = time.perf_counter()
@@ -526,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as shell tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes it at exit
+        return 141
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and exit 1
         _error(exc, args.debug)
         return 2 if isinstance(exc, UsageError) else 1
