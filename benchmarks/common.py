@@ -112,3 +112,45 @@ def machine_info() -> dict:
         "torch": torch.__version__, "transformers": hf_version, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def bandwidth(threads: int = 0, gib: float = 1.0) -> dict:
+    """Memory ceilings for decode: copy GB/s (read + write) and the GB/s of weights that bf16 and int8
+    matrix-vector products (1 row, 2B-decoder shapes, 1 GiB of distinct matrices) achieve."""
+    import torch
+    import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
+    n = int(gib * 2**30)
+    src, dst = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    out = {"threads": torch.get_num_threads(), "copy_GBps": 2 * n / _best(lambda: dst.copy_(src)) / 1e9}
+    del src, dst
+    count = max(1, n // (2 * 8960 * 1536))
+    weights = [torch.randn(8960, 1536).to(torch.bfloat16) for _ in range(count)]
+    x = torch.randn(1, 1536).to(torch.bfloat16)
+    total = count * 8960 * 1536
+    out["bf16_linear_GBps"] = 2 * total / _best(lambda: [F.linear(x, w) for w in weights]) / 1e9
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+    run = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]  # noqa: E731
+    out["bf16_packed_GBps"] = 2 * total / _best(run) / 1e9
+    del packed
+    q = [w.to(torch.int8) for w in weights]
+    s = torch.ones(8960, dtype=torch.bfloat16)
+    out["int8pack_GBps"] = total / _best(lambda: [torch.ops.aten._weight_int8pack_mm(x, w, s) for w in q]) / 1e9
+    return out
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":  # python benchmarks/common.py [threads]: machine info and memory ceilings
+    print(machine_info())
+    print(bandwidth(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
