@@ -57,7 +57,8 @@ def test_generate_kwargs_override_the_file_and_generation_config_argument_sits_b
 
 def test_without_generation_config_json_eos_and_defaults_come_from_config_json():
     reference, ours = models("")
-    assert ours.generation_config is None
+    # as in transformers, the loaded generation_config then carries config.json's eos
+    assert ours.generation_config.eos_token_id == reference.generation_config.eos_token_id
     inputs = _inputs()
     # nothing set: 20 new tokens (transformers' default max_length), greedy, eos from config.json
     expected = reference.generate(**inputs)
