@@ -25,6 +25,9 @@ SHAPES = ("circle", "square", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 NUM_FRAMES = 4
+# object half-sizes as fractions of the canvas (count: of a 3x3 grid cell) and background shades
+OBJECT_SCALE, COUNT_SCALE, MOTION_SCALE = (0.13, 0.19), (0.30, 0.38), (0.11, 0.15)
+BACKGROUND_SHADES = (235, 255)
 
 QUESTIONS = {
     "color": ("What colour is the shape?", "What color is the object?", "Which colour is the shape?"),
@@ -64,7 +67,7 @@ class Sample:
 
 
 def _background(rng: random.Random, size: int) -> Image.Image:
-    shade = tuple(rng.randint(225, 255) for _ in range(3))
+    shade = tuple(rng.randint(*BACKGROUND_SHADES) for _ in range(3))
     return Image.new("RGB", (size, size), shade)
 
 
@@ -83,7 +86,7 @@ def _single_object(rng: random.Random, size: int) -> tuple[Image.Image, str, str
     """One shape placed well inside one quadrant: (image, colour, shape, corner)."""
     img = _background(rng, size)
     colour, shape, corner = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(CORNERS)
-    r = rng.uniform(0.11, 0.17) * size
+    r = rng.uniform(*OBJECT_SCALE) * size
     half = size / 2
     lo, hi = r + 0.04 * size, half - r - 0.06 * size  # stay clear of the edge and the midlines
     cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
@@ -102,7 +105,7 @@ def _count_image(rng: random.Random, size: int) -> tuple[Image.Image, int]:
     n = rng.randint(1, 4)
     cell = size / 3
     for index in rng.sample(range(9), n):
-        r = rng.uniform(0.28, 0.38) * cell
+        r = rng.uniform(*COUNT_SCALE) * cell
         cx = (index % 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
         cy = (index // 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
         draw_shape(draw, rng.choice(SHAPES), cx, cy, r, COLORS[rng.choice(list(COLORS))])
@@ -137,7 +140,7 @@ def _motion_video(rng: random.Random, size: int) -> tuple[list[Image.Image], str
     direction = rng.choice(list(DIRECTIONS))
     dx, dy = DIRECTIONS[direction]
     shape, colour = rng.choice(SHAPES), COLORS[rng.choice(list(COLORS))]
-    r = rng.uniform(0.09, 0.13) * size
+    r = rng.uniform(*MOTION_SCALE) * size
     step = rng.uniform(0.09, 0.12) * size
     travel = step * (NUM_FRAMES - 1)
     # start so that the whole path stays inside the canvas
