@@ -26,7 +26,7 @@ CORNERS = ("top left", "top right", "bottom left", "bottom right")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 NUM_FRAMES = 4
 # object half-sizes as fractions of the canvas (count: of a 3x3 grid cell) and background shades
-OBJECT_SCALE, COUNT_SCALE, MOTION_SCALE = (0.13, 0.19), (0.30, 0.38), (0.11, 0.15)
+OBJECT_SCALE, COUNT_SCALE, MOTION_SCALE = (0.13, 0.19), (0.34, 0.36), (0.11, 0.15)
 BACKGROUND_SHADES = (235, 255)
 
 QUESTIONS = {
@@ -67,8 +67,16 @@ class Sample:
 
 
 def _background(rng: random.Random, size: int) -> Image.Image:
-    shade = tuple(rng.randint(*BACKGROUND_SHADES) for _ in range(3))
-    return Image.new("RGB", (size, size), shade)
+    """A light random tint that darkens slightly to the right (red) and downwards (green).
+
+    Qwen2-VL's ViT has no absolute position embedding (only RoPE, which is relative), so on a
+    uniform background nothing in a patch says where it is; the gentle gradient (<= 24 levels) does.
+    """
+    shade = [rng.randint(*BACKGROUND_SHADES) for _ in range(3)]
+    ramp = [round(24 * i / (size - 1)) for i in range(size)]
+    red = Image.frombytes("L", (size, 1), bytes(max(0, shade[0] - r) for r in ramp)).resize((size, size))
+    green = Image.frombytes("L", (1, size), bytes(max(0, shade[1] - r) for r in ramp)).resize((size, size))
+    return Image.merge("RGB", (red, green, Image.new("L", (size, size), shade[2])))
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -99,16 +107,16 @@ def _single_object(rng: random.Random, size: int) -> tuple[Image.Image, str, str
 
 
 def _count_image(rng: random.Random, size: int) -> tuple[Image.Image, int]:
-    """1-4 small shapes of random shape/colour on non-overlapping cells of a 3x3 grid."""
+    """1-4 circles of one size and random colours on non-overlapping cells of a 3x3 grid."""
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
     n = rng.randint(1, 4)
     cell = size / 3
+    r = rng.uniform(*COUNT_SCALE) * cell
     for index in rng.sample(range(9), n):
-        r = rng.uniform(*COUNT_SCALE) * cell
         cx = (index % 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
         cy = (index // 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
-        draw_shape(draw, rng.choice(SHAPES), cx, cy, r, COLORS[rng.choice(list(COLORS))])
+        draw_shape(draw, "circle", cx, cy, r, COLORS[rng.choice(list(COLORS))])
     return img, n
 
 
