@@ -124,7 +124,10 @@ def write_examples(model, processor, folder: Path) -> None:
     """Example media + README table; per file, the first candidate k whose every question is answered right."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, tasks in EXAMPLE_FILES:
+    for name, all_tasks in EXAMPLE_FILES:
+        tasks = [task for task in all_tasks if task in BUILTIN_TASKS]
+        if not tasks:
+            continue
         for k in range(20):
             # one rng state per task from the same seed: the image is identical, the question is fixed
             drawn = [make_sample(random.Random(f"examples-{name}-{k}"), task, IMAGE_SIZE) for task in tasks]

@@ -10,9 +10,9 @@ from qwen2vl.synthetic import COLORS, CORNERS, DIRECTIONS, NUM_FRAMES, QUESTIONS
 
 
 def _ink(img) -> np.ndarray:
-    """Boolean (H, W) mask of pixels that differ from the (uniform) background colour at (0, 0)."""
-    a = np.asarray(img).astype(int)
-    return np.abs(a - a[0, 0]).sum(-1) > 60
+    """Boolean (H, W) mask of drawn pixels: every channel of the background is >= 248 - 48 = 200,
+    every object colour and the digit ink have a channel below 70."""
+    return np.asarray(img).min(-1) < 150
 
 
 def _components(mask: np.ndarray) -> int:
@@ -60,6 +60,14 @@ def test_tasks_cycle_in_order_with_questions_from_the_fixed_set():
             assert all(f.size == (112, 112) and f.mode == "RGB" for f in s.video)
         else:
             assert s.video is None and s.image.size == (112, 112) and s.image.mode == "RGB"
+
+
+def test_background_codes_position_with_a_fixed_gradient():
+    a = np.asarray(make_sample(random.Random(3), "color").image).astype(int)
+    assert a.min() >= 0 and (a[..., 0][~_ink(a)].min() >= 200)
+    assert a[5, 5, 0] - a[5, 106, 0] == pytest.approx(48 * 101 / 111, abs=1)  # red falls to the right
+    assert a[5, 5, 1] - a[106, 5, 1] == pytest.approx(48 * 101 / 111, abs=1)  # green falls downwards
+    assert a[5, 5, 2] == a[106, 106, 2]
 
 
 def test_size_parameter_sets_the_canvas():

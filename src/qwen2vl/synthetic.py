@@ -27,7 +27,7 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 NUM_FRAMES = 4
 # object half-sizes as fractions of the canvas (count: of a 3x3 grid cell) and background shades
 OBJECT_SCALE, COUNT_SCALE, MOTION_SCALE = (0.13, 0.19), (0.34, 0.36), (0.11, 0.15)
-BACKGROUND_SHADES = (235, 255)
+BACKGROUND_SHADES = (248, 255)
 
 QUESTIONS = {
     "color": ("What colour is the shape?", "What color is the object?", "Which colour is the shape?"),
@@ -67,13 +67,13 @@ class Sample:
 
 
 def _background(rng: random.Random, size: int) -> Image.Image:
-    """A light random tint that darkens slightly to the right (red) and downwards (green).
+    """Near white, darkening to the right (less red) and downwards (less green) by up to 48 levels.
 
     Qwen2-VL's ViT has no absolute position embedding (only RoPE, which is relative), so on a
-    uniform background nothing in a patch says where it is; the gentle gradient (<= 24 levels) does.
+    uniform background nothing in a patch says where it is; this fixed gradient does.
     """
     shade = [rng.randint(*BACKGROUND_SHADES) for _ in range(3)]
-    ramp = [round(24 * i / (size - 1)) for i in range(size)]
+    ramp = [round(48 * i / (size - 1)) for i in range(size)]
     red = Image.frombytes("L", (size, 1), bytes(max(0, shade[0] - r) for r in ramp)).resize((size, size))
     green = Image.frombytes("L", (1, size), bytes(max(0, shade[1] - r) for r in ramp)).resize((size, size))
     return Image.merge("RGB", (red, green, Image.new("L", (size, size), shade[2])))
