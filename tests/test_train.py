@@ -123,6 +123,9 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_the_floor():
     assert lr_lambda(10, cfg) == pytest.approx(1.0)
     assert lr_lambda(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_lambda(110, cfg) == pytest.approx(0.1) and lr_lambda(500, cfg) == pytest.approx(0.1)
+    flat = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1, decay_steps=40)  # flat 10..69, then cosine
+    assert lr_lambda(10, flat) == lr_lambda(69, flat) == 1.0
+    assert lr_lambda(90, flat) == pytest.approx(0.55) and lr_lambda(110, flat) == pytest.approx(0.1)
 
 
 def _run(tmp_path, stops):

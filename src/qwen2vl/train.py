@@ -37,6 +37,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine over the last decay_steps (None: everything after warmup)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
@@ -98,10 +99,14 @@ def encode_batch(processor, samples: Sequence) -> dict[str, torch.Tensor]:
 
 
 def lr_lambda(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1 over warmup_steps, then cosine decay to min_lr_ratio at cfg.steps."""
+    """Linear warmup to 1 over warmup_steps, flat, then cosine to min_lr_ratio over the last decay_steps."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    decay = cfg.steps - cfg.warmup_steps if cfg.decay_steps is None else cfg.decay_steps
+    start = cfg.steps - decay
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1, decay))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
