@@ -1,6 +1,7 @@
 """qwen2vl.batch: request schema, resume bookkeeping, and `qwen2vl batch` end to end on tiny checkpoints."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,18 @@ def test_batch_usage_errors(tmp_path):
     proc = _cli("batch", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o.jsonl"))
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and "--input: cannot read" in proc.stderr
+
+
+def test_batch_on_the_builtin_model_answers_every_example(tmp_path):
+    # examples/README.md lists (file, question, answer); the answers are the generator's ground truth
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    rows = re.findall(r"^\| `([^`]+)` \| (.+?) \| `([^`]+)` \|$", (examples / "README.md").read_text(), re.M)
+    assert len(rows) >= 3
+    src = tmp_path / "examples.jsonl"
+    src.write_text("".join(json.dumps({"id": f"{f}: {q}", "prompt": q,
+                                       ("videos" if f.endswith(".mp4") else "images"): [str(examples / f)]}) + "\n"
+                           for f, q, _ in rows))
+    out = tmp_path / "answers.jsonl"
+    proc = _cli("batch", "--input", str(src), "--output", str(out), "--batch-size", "8")  # no --model: built-in
+    assert proc.returncode == 0, proc.stderr
+    assert [r["text"].strip() for r in _lines(out)] == [a for _, _, a in rows]

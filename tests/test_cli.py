@@ -1,6 +1,7 @@
 """`python -m qwen2vl run|chat|info`: driven as a subprocess on tiny checkpoints (batch: test_batch.py)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import torch
 
 from qwen2vl.config import Qwen2VLConfig
 from support.tiny_checkpoint import tiny_checkpoint, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -240,3 +243,20 @@ def test_progress_without_tqdm_prints_rate_and_eta(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("1/2 requests, 0 errors, ") and "req/s, ETA " in lines[0]
     assert lines[1].startswith("2/2 requests, 1 errors, ") and lines[1].endswith("ETA 0 s")
+
+
+# --------------------------------------------------------------------------- the built-in model
+
+
+def _example_answers() -> dict[tuple[str, str], str]:
+    """(file, question) -> answer, from the table in examples/README.md (the generator's ground truth)."""
+    table = (ROOT / "examples" / "README.md").read_text()
+    return {(f, q): a for f, q, a in re.findall(r"^\| `([^`]+)` \| (.+?) \| `([^`]+)` \|$", table, re.M)}
+
+
+def test_builtin_model_answers_the_bundled_example():
+    answers = _example_answers()
+    question = next(q for f, q in answers if f == "example.png")
+    proc = _cli("run", "--image", str(ROOT / "examples" / "example.png"), question)  # no --model: built-in
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == answers[("example.png", question)]
