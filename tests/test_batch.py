@@ -1,6 +1,7 @@
 """qwen2vl.batch: request schema, resume bookkeeping, and `qwen2vl batch` end to end on tiny checkpoints."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,9 +14,13 @@ from qwen2vl.errors import RequestError
 from support.tiny_checkpoint import tiny_checkpoint, write_image
 
 
+# CPU only, so that expected values (computed in this process on CPU) hold on GPU machines too
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen2vl", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "qwen2vl", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=600)
 
 
 def _lines(path: Path) -> list[dict]:
