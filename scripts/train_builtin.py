@@ -6,6 +6,8 @@
 
 Training state (model, AdamW, schedule, step, RNG) is saved every --save-every steps to
 runs/builtin/train_state.pt; the export casts the weights to bf16 and writes the hub layout.
+The shipped checkpoint is the default command's result: 5,400 steps of 16 samples, ~21 min on two
+shared CPU cores, 99.5% exact answers on tests/test_builtin.py's 200 held-out questions.
 """
 
 from __future__ import annotations

@@ -100,13 +100,8 @@ def test_loss_ignores_everything_outside_the_assistant_reply(processor):
     predicts_answer = torch.zeros_like(labels, dtype=torch.bool)
     predicts_answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     grad_norm = logits.grad.abs().sum(-1)  # (B, L)
+    # what the model predicts at system / user / vision-pad / padding / trailing-"\n" positions has no effect
     assert (grad_norm[~predicts_answer] == 0).all() and (grad_norm[predicts_answer] > 0).all()
-    # changing every non-answer label (system, user, vision pads, padding, trailing "\n") changes nothing
-    scrambled = labels.clone()
-    scrambled[labels == IGNORE_INDEX] = IGNORE_INDEX
-    batch_other = dict(batch, labels=scrambled)
-    batch_other["input_ids"] = batch["input_ids"]
-    assert torch.equal(loss_on_batch(model, batch_other), loss_on_batch(model, batch))
 
 
 def test_question_text_outside_the_reply_is_never_a_target(processor):
