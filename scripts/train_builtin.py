@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             result = train(model, processor, cfg, samples_for_step, args.run_dir, resume=resume,
                            stop_at=(step // args.eval_every + 1) * args.eval_every)
             step, resume = result["step"], True
+            if result["loss"] != result["loss"]:  # NaN: resumed past this chunk, nothing ran
+                continue
             try:  # validation only reports progress; a failure there must not stop a long run
                 report(f"step {step} loss {result['loss']:.4f} {time.time() - start:.0f}s validation",
                        evaluate(model, processor, validation))
