@@ -20,4 +20,4 @@ fi
 # torch 2.14.1 + torchvision 0.29.1: the pair torchvision/torchcodec load beside (see README).
 .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install -q -e ".[all,test]"
-echo "setup.sh: ready. Try: .venv/bin/qwen2vl run --image examples/shapes.png \"What colour is the circle?\""
+echo "setup.sh: ready. Try: .venv/bin/qwen2vl run --image examples/example.png \"What colour is the shape?\""
