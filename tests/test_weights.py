@@ -175,3 +175,16 @@ def test_device_map_auto_and_attn_choice(saved):
     assert model.config.attn_implementation == "eager" and model.model.visual.attn_implementation == "eager"
     with pytest.raises(ConfigError, match="unknown"):
         Qwen2VLForConditionalGeneration.from_pretrained(folder, attn_implementation="fast")
+
+
+def test_loading_runs_no_random_init_and_never_imports_dynamo(saved):
+    """The meta build skips random init: init/arange on meta tensors would import torch._dynamo, which
+    costs over a second per process (most of a CLI call)."""
+    import subprocess
+    import sys
+
+    _, folder = saved
+    code = ("import sys; from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration as M; "
+            f"m = M.from_pretrained({str(folder)!r}); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

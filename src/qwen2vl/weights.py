@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import qwen2vl.config as config_module
 from qwen2vl.config import Qwen2VLConfig
@@ -185,6 +186,26 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
     model.model.language_model.inv_freq = rope.text_inv_freq(text.head_dim, text.rope_theta).to(device)
 
 
+class _SkipInit(TorchFunctionMode):
+    """While a model is built on the meta device, random-init calls return their tensor untouched.
+
+    The values are overwritten by the checkpoint, and init (or arange) on meta tensors runs Python
+    reference kernels that import torch._dynamo (~1.3 s per process, most of a CLI call). `arange`
+    (rotary buffers, recomputed by _materialize_buffers anyway) runs on the CPU instead. A
+    torch-function mode is thread-local and scoped to the `with` block: nothing global is patched.
+    """
+
+    _INPLACE = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" or func in self._INPLACE:
+            return args[0] if args else kwargs.get("tensor")
+        if func is torch.arange and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
 def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, dtype: Any = "auto", device_map: Any = None,
                     attn_implementation: str | None = None, revision: str | None = None,
                     cache_dir: str | None = None, local_files_only: bool = False, **kwargs: Any) -> nn.Module:
@@ -195,7 +216,7 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, dtype: Any = "
         logger.info("from_pretrained: ignoring unsupported arguments %s", sorted(kwargs))
     config.attn_implementation = attn_implementation or config.attn_implementation or "sdpa"
     torch_dtype, device = _torch_dtype(dtype, config), _device(device_map)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = cls(config)
     _fill(model, folder, torch_dtype, device)
     _materialize_buffers(model, device)
