@@ -306,28 +306,15 @@ class Qwen2VLConfig:
         return out
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return _json_string(self.to_dict())
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(self.to_json_string())
+        _write_config_json(save_directory, CONFIG_NAME, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **hub_kwargs: Any) -> "Qwen2VLConfig":
         """Read config.json from a folder, a file path, or a hub id (huggingface_hub, lazily)."""
-        path = Path(path_or_hub_id)
-        if path.is_dir():
-            path = path / CONFIG_NAME
-        elif not path.is_file():
-            path = Path(_hub_file(str(path_or_hub_id), CONFIG_NAME, **hub_kwargs))
-        if not path.is_file():
-            raise ConfigError(f"{path_or_hub_id}: no {CONFIG_NAME} found; pass a checkpoint folder that contains one")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON ({exc}); fix or re-download the file") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(_read_config_json(path_or_hub_id, CONFIG_NAME, **hub_kwargs))
 
     @classmethod
     def preset(cls, name: str) -> "Qwen2VLConfig":
@@ -377,6 +364,42 @@ def _hub_file(repo_id: str, filename: str, **hub_kwargs: Any) -> str:
 
 
 # ---- generation config (owner: GENERATION) ----
+
+def _json_string(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _write_config_json(save_directory: str | os.PathLike, filename: str, data: dict[str, Any]) -> None:
+    path = Path(save_directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / filename).write_text(_json_string(data))
+
+
+def _read_config_json(path_or_hub_id: str | os.PathLike, filename: str, missing_ok: bool = False,
+                      **hub_kwargs: Any) -> dict[str, Any] | None:
+    """`filename` from a folder, a file path or a hub id, parsed; None when absent and missing_ok."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        path = path / filename
+    elif not path.is_file():
+        try:
+            path = Path(_hub_file(str(path_or_hub_id), filename, **hub_kwargs))
+        except (ConfigError, MissingDependencyError):
+            if missing_ok:
+                return None
+            raise
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise ConfigError(f"{path_or_hub_id}: no {filename} found; pass a checkpoint folder that contains one")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON ({exc}); fix or re-download the file") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -499,39 +522,17 @@ class GenerationConfig:
         return out
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return _json_string(self.to_dict())
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / GENERATION_CONFIG_NAME).write_text(self.to_json_string())
+        _write_config_json(save_directory, GENERATION_CONFIG_NAME, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, missing_ok: bool = False,
                         **hub_kwargs: Any) -> "GenerationConfig | None":
         """Read generation_config.json from a folder, a file path or a hub id; None if absent and missing_ok."""
-        path = Path(path_or_hub_id)
-        if path.is_dir():
-            path = path / GENERATION_CONFIG_NAME
-        elif not path.is_file():
-            try:
-                path = Path(_hub_file(str(path_or_hub_id), GENERATION_CONFIG_NAME, **hub_kwargs))
-            except (ConfigError, MissingDependencyError):
-                if missing_ok:
-                    return None
-                raise
-        if not path.is_file():
-            if missing_ok:
-                return None
-            raise ConfigError(f"{path_or_hub_id}: no {GENERATION_CONFIG_NAME} found; "
-                              "pass a folder that contains one (or missing_ok=True)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON ({exc}); fix or re-download the file") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        data = _read_config_json(path_or_hub_id, GENERATION_CONFIG_NAME, missing_ok=missing_ok, **hub_kwargs)
+        return None if data is None else cls.from_dict(data)
 
     def update(self, defaults_only: bool = False, **kwargs: Any) -> dict[str, Any]:
         """Set the known fields from kwargs (only unset ones if defaults_only); return the unused kwargs."""

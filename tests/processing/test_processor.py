@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from support.media import make_video
-from support.tokenizer import tokenizer_dir
+from support.tokenizer import processor_folder
 
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processing.processor import AutoProcessor, BatchFeature, Qwen2VLProcessor
@@ -20,11 +20,7 @@ HUB = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_p
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json"):
-        shutil.copy(tokenizer_dir() / name, out / name)
-    (out / "preprocessor_config.json").write_text(json.dumps(HUB))
-    return out
+    return processor_folder(tmp_path_factory.mktemp("ckpt"), HUB)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@ hub-style preprocessor_config.json). Ids, masks, mm_token_type_ids and grids mus
 transformers' PIL-backed processor (our default) and, for sides already multiples of 28, its default one."""
 
 import base64
-import io
-import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ import torch
 import transformers
 from PIL import Image
 from support.media import make_video
-from support.tokenizer import tokenizer_dir
+from support.tokenizer import processor_folder
 
 from qwen2vl.processing.processor import AutoProcessor
 
@@ -26,11 +23,7 @@ KEYS_EXACT = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_th
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json"):
-        shutil.copy(tokenizer_dir() / name, out / name)
-    (out / "preprocessor_config.json").write_text(json.dumps(HUB_PREPROCESSOR))
-    return out
+    return processor_folder(tmp_path_factory.mktemp("ckpt"), HUB_PREPROCESSOR)
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,14 @@ def tokenizer():
     from qwen2vl.processing.tokenizer import Qwen2Tokenizer
 
     return Qwen2Tokenizer.from_pretrained(tokenizer_dir())
+
+
+def processor_folder(out: Path, preprocessor: dict) -> Path:
+    """A checkpoint folder with the tokenizer files and the given preprocessor_config.json."""
+    import json
+    import shutil
+
+    for name in FILES:
+        shutil.copy(tokenizer_dir() / name, out / name)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return out
