@@ -65,3 +65,19 @@ def test_eager_and_sdpa_agree():
         model.attn_implementation = "eager"
         eager = model(pixels, grids).pooler_output
     assert torch.allclose(sdpa, eager, atol=1e-5)
+
+
+def test_patch_embed_equals_conv3d_bit_for_bit_in_bf16():
+    """The reference embeds patches with nn.Conv3d; a plain matmul rounds differently in bf16 (at the
+    real 1176-wide rows), which flipped greedy tokens of a 2B-shape model after ~20 steps."""
+    from qwen2vl.config import Qwen2VLVisionConfig
+
+    config = Qwen2VLVisionConfig(embed_dim=128, num_heads=4, depth=1, hidden_size=64)
+    embed = PatchEmbed(config).to(torch.bfloat16)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(embed.proj.weight, std=0.02)
+    conv = torch.nn.Conv3d(3, 128, kernel_size=(2, 14, 14), stride=(2, 14, 14), bias=False).to(torch.bfloat16)
+    conv.weight.data.copy_(embed.proj.weight.data)
+    pixels = torch.randn(300, 1176)
+    expected = conv(pixels.to(torch.bfloat16).view(-1, 3, 2, 14, 14)).view(-1, 128)
+    assert torch.equal(embed(pixels), expected)

@@ -188,13 +188,14 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.tie_weights()
 
     # ---- properties and small helpers -------------------------------------------------------
+    # read from the embedding: quantize.py may swap lm_head for a module without a float .weight
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.language_model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.language_model.embed_tokens.weight.dtype
 
     @property
     def visual(self) -> Qwen2VisionTransformerPretrainedModel:

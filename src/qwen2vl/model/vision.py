@@ -7,6 +7,7 @@ per image / per temporal slice (cu_seqlens) and never materialises an N x N mask
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qwen2vl.config import Qwen2VLVisionConfig
@@ -29,7 +30,11 @@ class PatchProj(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = one whole row, computed as a single matmul: (N, C*T*P*P) @ W^T."""
+    """Conv3d with kernel = stride = one whole row (each pixel_values row is one (C, T, P, P) window).
+
+    Mathematically one matmul (N, C*T*P*P) @ W^T, but computed with conv3d as the reference does: in
+    bf16 the matmul rounds differently, which flipped greedy tokens of a 2B-shape model after ~20 steps.
+    """
 
     def __init__(self, config: Qwen2VLVisionConfig) -> None:
         super().__init__()
@@ -37,8 +42,9 @@ class PatchEmbed(nn.Module):
         self.proj = PatchProj(config.embed_dim, config.in_channels, config.temporal_patch_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight
-        return pixel_values.to(weight.dtype) @ weight.reshape(self.embed_dim, -1).t()
+        weight = self.proj.weight  # (E, C, T, P, P)
+        x = pixel_values.to(weight.dtype).view(-1, *weight.shape[1:])  # (N, C, T, P, P)
+        return F.conv3d(x, weight, stride=weight.shape[2:]).view(-1, self.embed_dim)  # (N, E)
 
 
 class VisionAttention(nn.Module):
