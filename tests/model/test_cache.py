@@ -76,16 +76,32 @@ def test_static_cache_slots_and_mask():
     mask, slots = cache.begin(3, torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.device("cpu"), 2)
     assert slots.tolist() == [[0, 1, 2], [0, 1, 2]]
     assert cache.valid.tolist() == [[False, True, True, False, False, False], [True, True, True, False, False, False]]
-    # row 0, query slot 2 sees slots 1..2; the pad query at slot 0 sees only itself
-    assert mask[0, 0, 2].tolist() == [False, True, True, False, False, False]
-    assert mask[0, 0, 0].tolist() == [True, False, False, False, False, False]
+    # keys are the filled slots 0..2 only; row 0, query slot 2 sees slots 1..2; the pad query sees itself
+    assert mask[0, 0, 2].tolist() == [False, True, True]
+    assert mask[0, 0, 0].tolist() == [True, False, False]
     cache.end(3)
     cache.reset_rows([1])  # continuous batching: row 1 restarts while row 0 continues
     assert cache.lengths.tolist() == [3, 0]
     mask, slots = cache.begin(1, None, torch.device("cpu"), 2)
     assert slots.tolist() == [[3], [0]]
-    assert mask[1, 0, 0].tolist() == [True, False, False, False, False, False]
-    assert mask[0, 0, 0].tolist() == [False, True, True, True, False, False]
+    assert mask[1, 0, 0].tolist() == [True, False, False, False]
+    assert mask[0, 0, 0].tolist() == [False, True, True, True]
+
+
+def test_static_cache_aligned_rows_attend_over_filled_slots_without_a_mask():
+    """Rows at one length with no padding: no mask (plain causal), and update() hands back only the
+    filled slots, so the attention call is the one a growing cache (transformers') makes."""
+    cache = StaticCache(tiny_model().config, batch_size=2, max_cache_len=8)
+    mask, _ = cache.begin(3, None, torch.device("cpu"), 2)
+    assert mask is None
+    k = torch.randn(2, cache.key_cache[0].shape[1], 3, cache.key_cache[0].shape[3])
+    keys, values = cache.update(k, k + 1, 0)
+    assert keys.shape[2] == 3 and torch.equal(keys, k) and torch.equal(values, k + 1)
+    assert keys.data_ptr() == cache.key_cache[0].data_ptr()  # a view: nothing copied
+    cache.end(3)
+    mask, slots = cache.begin(1, None, torch.device("cpu"), 2)
+    assert mask is None and slots.tolist() == [[3], [3]]
+    assert cache.update(k[:, :, :1], k[:, :, :1], 0)[0].shape[2] == 4
 
 
 def test_static_cache_overflow_and_batch_mismatch(model):

@@ -13,7 +13,8 @@ from qwen2vl.config import Qwen2VLTextConfig
 from qwen2vl.errors import InputError
 from qwen2vl.model import rope
 from qwen2vl.model.attention import attention, check_backend
-from qwen2vl.model.cache import DynamicCache, StaticCache
+from qwen2vl.model.cache import DynamicCache
+from qwen2vl.model.linear import Linear
 
 
 class ModelOutput(dict):
@@ -75,9 +76,9 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Qwen2VLTextConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +93,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim ** -0.5
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache, backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -188,7 +189,7 @@ class Qwen2VLTextModel(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, L, D): broadcast over heads
         sliding = None
         if "sliding_attention" in self.config.layer_types:
-            key_len = work.max_cache_len if isinstance(work, StaticCache) else past + length
+            key_len = past + length
             sliding = _sliding(mask, q_slots, key_len, self.config.sliding_window)
         hidden, all_hidden, all_attn = inputs_embeds, [], []
         for layer in self.layers:
