@@ -104,14 +104,13 @@ def load_model(impl: str, ckpt: Path, mode: str):
         from transformers import Qwen2VLForConditionalGeneration
     else:
         from qwen2vl import Qwen2VLForConditionalGeneration
+    extra = {"cpu_prepack": False} if impl == "ours" and mode == "unpacked" else {}
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.bfloat16,
-                                                            attn_implementation="sdpa")
+                                                            attn_implementation="sdpa", **extra)
     model.eval()
-    if impl == "ours" and mode in ("packed", "int8"):
-        from qwen2vl.quantize import pack_for_cpu, quantize_int8
-        if mode == "int8":
-            quantize_int8(model)
-        pack_for_cpu(model)  # whatever is still bf16 Linear (vision tower; decoder in "packed")
+    if impl == "ours" and mode == "int8":
+        from qwen2vl.quantize import quantize_int8
+        quantize_int8(model)  # text decoder + lm_head; the vision tower stays prepacked bf16
     return model
 
 
@@ -127,8 +126,6 @@ def decode_weight_bytes(model) -> int:
             total += module.weight.numel() * module.weight.element_size()
         elif hasattr(module, "weight_int8"):  # qwen2vl.quantize.Int8Linear (+ bf16 scales)
             total += module.weight_int8.numel() + 2 * module.out_features
-        elif hasattr(module, "packed"):  # qwen2vl.quantize.PackedLinear (bf16)
-            total += 2 * module.in_features * module.out_features
     return total
 
 
@@ -293,6 +290,7 @@ def run_profiles(args: argparse.Namespace, ckpt: Path, variants: list[str]) -> N
     print(common.table(rows, ["variant", "step ms"] + PROFILE_COLUMNS + ["GB/s in matmuls", "GB/s overall"]))
 
 
+MODES = ("bf16", "unpacked", "int8")
 PROFILE_COLUMNS = ["matmul", "attention", "elementwise", "copy/cat/index", "other ops", "overhead"]
 
 
@@ -300,15 +298,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=common.IMPLS)
-    parser.add_argument("--mode", choices=("bf16", "packed", "int8"), default="bf16")
+    parser.add_argument("--mode", choices=MODES, default="bf16")
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--inputs", type=Path)
     parser.add_argument("--shape", default="2b", help="2b | 7b | mini | tiny (the last two: smoke tests)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--modes", nargs="+", default=["bf16", "packed", "int8"], choices=("bf16", "packed", "int8"),
-                        help="our variants to run next to transformers' bf16 (packed/int8: qwen2vl.quantize swaps)")
+    parser.add_argument("--modes", nargs="+", default=["bf16", "int8"], choices=MODES,
+                        help="our variants next to transformers' bf16: bf16 = from_pretrained as is (CPU-prepacked), "
+                             "unpacked = cpu_prepack=False, int8 = qwen2vl.quantize.quantize_int8")
     parser.add_argument("--profile-only", action="store_true", help="decode profiles instead of timings")
     parser.add_argument("--allow-id-mismatch", action="store_true",
                         help="report timings even when greedy ids differ (marked UNVERIFIED)")

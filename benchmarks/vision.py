@@ -1,6 +1,6 @@
 """Vision-tower benchmark: images/s of get_image_features, qwen2vl vs transformers, fresh processes.
 
-    python benchmarks/vision.py --shape 2b --sizes 448 896 --runs 3 --modes bf16 packed
+    python benchmarks/vision.py --shape 2b --sizes 448 896 --runs 3 --modes bf16
 
 Both implementations get the same pixel rows (transformers' processor output for a seeded noise
 image of each size, saved once under .bench/) and the same checkpoint. Each child loads the model,
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 896])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--iters", type=int, default=1, help="timed calls per size in each process")
-    parser.add_argument("--mode", choices=("bf16", "packed"), default="bf16", help=argparse.SUPPRESS)
-    parser.add_argument("--modes", nargs="+", choices=("bf16", "packed"), default=["bf16", "packed"],
-                        help="our variants: plain bf16, or oneDNN-prepacked (qwen2vl.quantize.pack_for_cpu)")
+    parser.add_argument("--mode", choices=("bf16", "unpacked"), default="bf16", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", nargs="+", choices=("bf16", "unpacked"), default=["bf16"],
+                        help="our variants: bf16 = from_pretrained as is (CPU-prepacked), unpacked = cpu_prepack=False")
     args = parser.parse_args(argv)
     if args.child:
         return child(args)

@@ -1,4 +1,4 @@
-"""qwen2vl.quantize: int8 weight-only and oneDNN-prepacked Linear swaps on tiny models.
+"""qwen2vl.quantize: the int8 weight-only Linear swap on tiny models.
 
 Expected values come from first principles: the int8 layer must compute x @ (q * scale).T exactly
 (to float rounding), the quantised model must equal a plain model holding the dequantised weights,
@@ -10,8 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from qwen2vl.quantize import (Int8Linear, PackedLinear, can_pack_for_cpu, pack_for_cpu, quantize_int8,
-                              quantize_weight_int8)
+from qwen2vl.quantize import Int8Linear, quantize_int8, quantize_weight_int8
 from support.checkpoints import tiny_model
 
 # Tolerance of the int8 model against the model it was made from: per-row symmetric int8 rounds
@@ -131,24 +130,9 @@ def test_generate_runs_after_quantisation_and_matches_dequantised_model():
     assert torch.equal(out, plain.generate(input_ids=ids, **kwargs))
 
 
-def test_pack_for_cpu_is_bit_identical_and_skips_tied_head():
-    assert can_pack_for_cpu()
-    model = tiny_model(tied=True).to(torch.bfloat16)
-    ids = _inputs()
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
-        pack_for_cpu(model)
-        got = model(input_ids=ids).logits
-    assert torch.equal(got, ref)
-    assert isinstance(model.model.language_model.layers[0].mlp.down_proj, PackedLinear)
-    assert isinstance(model.model.visual.blocks[0].attn.qkv, PackedLinear)
-    assert type(model.lm_head) is nn.Linear  # tied: packing would copy the vocabulary matrix
-    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert out.shape == (2, 10)
-
-
-def test_swaps_on_a_loaded_checkpoint_keep_outputs(tmp_path):
-    """Weights mmap'd from safetensors: the replaced layers' file pages are released, and outputs stay."""
+def test_int8_on_a_loaded_checkpoint_keeps_outputs(tmp_path):
+    """Weights mmap'd from safetensors (and prepacked by from_pretrained): quantising reads them back
+    from the file, and the int8 model equals its dequantised twin."""
     from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
 
     tiny_model(tied=False).to(torch.bfloat16).save_pretrained(tmp_path)
@@ -156,9 +140,6 @@ def test_swaps_on_a_loaded_checkpoint_keep_outputs(tmp_path):
     with torch.no_grad():
         model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
         ref = model(input_ids=ids).logits
-        pack_for_cpu(model)
-        assert torch.equal(model(input_ids=ids).logits, ref)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
         expected = _dequantised_copy(quantize_int8(copy.deepcopy(model)))(input_ids=ids).logits
         got = quantize_int8(model)(input_ids=ids).logits
     spread = (ref.float().max() - ref.float().min()).item()
@@ -167,24 +148,6 @@ def test_swaps_on_a_loaded_checkpoint_keep_outputs(tmp_path):
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight.shape == (256, 64)
     out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape == (2, 9)
-
-
-def test_tied_head_of_a_loaded_checkpoint_is_packed_and_embedding_still_reads_right(tmp_path):
-    from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
-
-    source = tiny_model(tied=True).to(torch.bfloat16)
-    source.save_pretrained(tmp_path)
-    expected_embed = source.model.language_model.embed_tokens.weight.detach().clone()
-    ids = _inputs()
-    with torch.no_grad():
-        model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-        ref = model(input_ids=ids).logits
-        pack_for_cpu(model)  # "auto": the shared matrix is mmap'd, so the head is packed too
-        assert isinstance(model.lm_head, PackedLinear)
-        assert torch.equal(model(input_ids=ids).logits, ref)
-        assert torch.equal(model.model.language_model.embed_tokens.weight, expected_embed)
-    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert out.shape == (2, 10)
 
 
 def test_an_edited_embedding_is_not_released(tmp_path):

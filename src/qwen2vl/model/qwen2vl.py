@@ -16,6 +16,7 @@ from qwen2vl.errors import InputError
 from qwen2vl.model import rope
 from qwen2vl.model.attention import check_backend
 from qwen2vl.model.cache import DynamicCache
+from qwen2vl.model.linear import Linear
 from qwen2vl.model.text import ModelOutput, Qwen2VLTextModel, RMSNorm
 from qwen2vl.model.vision import BaseModelOutputWithPooling, Qwen2VisionTransformerPretrainedModel, PatchProj
 
@@ -178,7 +179,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.config = config
         self.model = Qwen2VLModel(config)
         text = config.text_config
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
         # decoding defaults: from_pretrained replaces these with generation_config.json when shipped
         self.generation_config = GenerationConfig.from_model_config(config)
         self.name_or_path = ""

@@ -14,6 +14,7 @@ from qwen2vl.config import Qwen2VLVisionConfig
 from qwen2vl.errors import InputError
 from qwen2vl.model import rope
 from qwen2vl.model.attention import check_backend, varlen_attention
+from qwen2vl.model.linear import Linear
 from qwen2vl.model.text import ModelOutput, activation
 
 
@@ -52,8 +53,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.scaling = self.head_dim ** -0.5
-        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
-        self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True)
+        self.qkv = Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
+        self.proj = Linear(config.embed_dim, config.embed_dim, bias=True)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: str) -> torch.Tensor:
@@ -72,8 +73,8 @@ class VisionMlp(nn.Module):
     def __init__(self, config: Qwen2VLVisionConfig) -> None:
         super().__init__()
         hidden = int(config.embed_dim * config.mlp_ratio)
-        self.fc1 = nn.Linear(config.embed_dim, hidden)
-        self.fc2 = nn.Linear(hidden, config.embed_dim)
+        self.fc1 = Linear(config.embed_dim, hidden)
+        self.fc2 = Linear(hidden, config.embed_dim)
         self.act = activation(config.hidden_act)  # quick_gelu in the released models
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +102,8 @@ class PatchMerger(nn.Module):
         self.hidden_size = config.embed_dim * config.spatial_merge_size ** 2
         self.ln_q = nn.LayerNorm(config.embed_dim, eps=1e-6)
         # mlp.1 is the parameter-free exact GELU (keys mlp.0 / mlp.2 as in checkpoints)
-        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(),
-                                 nn.Linear(self.hidden_size, config.hidden_size))
+        self.mlp = nn.Sequential(Linear(self.hidden_size, self.hidden_size), nn.GELU(),
+                                 Linear(self.hidden_size, config.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, E) -> (N/m^2, m^2 E): [patch(0,0) | patch(0,1) | patch(1,0) | patch(1,1)]
