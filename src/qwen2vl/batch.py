@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from qwen2vl.errors import CheckpointError, Qwen2VLError, RequestError
+from qwen2vl.errors import CheckpointError, ConfigError, Qwen2VLError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +98,24 @@ def load_pipeline(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     attn_implementation: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
-    """Load (model, processor) from a folder or hub id; processor pixel bounds override the file's."""
+    """Load (model, processor) from a folder or hub id; processor pixel bounds override the file's.
+    quantize="int8": weight-only int8 text decoder (qwen2vl.quantize.quantize_int8)."""
     from qwen2vl.model.qwen2vl import Qwen2VLForConditionalGeneration
     from qwen2vl.processing.processor import Qwen2VLProcessor
 
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize: {quantize!r} is not a mode; use 'int8' or leave it unset")
     model_kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
     net = Qwen2VLForConditionalGeneration.from_pretrained(model, **model_kwargs)  # first: its errors are clearer
     net.eval()
+    if quantize == "int8":
+        from qwen2vl.quantize import quantize_int8
+
+        quantize_int8(net)
     proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     processor = Qwen2VLProcessor.from_pretrained(model, **proc_kwargs)
     return net, processor
