@@ -123,6 +123,8 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
     shared = _embedding_ptrs(model)
     pages = MappedPages()
     for name, linear in targets:
+        if hasattr(linear, "unpack"):  # a prepacked copy would stay alive (targets holds it) until the end
+            linear.unpack()
         if not linear.weight.dtype.is_floating_point:
             raise ConfigError(f"quantize_int8: {name} has dtype {linear.weight.dtype}; "
                               "quantise a floating-point (bf16/fp16/fp32) model once")

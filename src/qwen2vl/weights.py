@@ -222,7 +222,11 @@ def prepack_for_cpu(model: nn.Module, only_mapped: bool = False) -> int:
     for module in model.modules():
         if not isinstance(module, Linear) or (only_mapped and not pages.file_backed(module.weight)):
             continue
-        count += module.prepack(release=pages.releaser(in_use=module.weight.data_ptr() in shared))
+        mapped = pages.file_backed(module.weight)
+        # evict after a many-row call needs no file check: the pack is used only while the weight's
+        # version counter is unchanged, i.e. its bytes are still the ones checked here
+        count += module.prepack(release=pages.releaser(in_use=module.weight.data_ptr() in shared),
+                                evict=pages.releaser(in_use=False) if mapped else None)
     logger.info("prepack_for_cpu: %d Linear layers prepacked (%.0f MB of mapped pages released)", count,
                 pages.released / 1e6)
     return count

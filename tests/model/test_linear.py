@@ -151,3 +151,16 @@ def test_the_probe_refuses_a_kernel_that_rounds_differently():
     other = torch.ops.mkldnn._reorder_linear_weight((weight.float() * 1.01).to(torch.bfloat16), 1024)
     assert linear_module._exact_rows(other, weight, None) == 0
     assert linear_module._exact_rows(torch.ops.mkldnn._reorder_linear_weight(weight, 1024), weight[:47], None) == 0
+
+
+def test_a_packed_layer_deep_copies_and_pickles_unpacked(always_exact):
+    import copy
+    import pickle
+
+    layer = _linear(8, 16)
+    assert layer.prepack()
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not clone.is_packed and layer.is_packed
+        with torch.no_grad():
+            assert torch.equal(clone(x), F.linear(x, layer.weight, layer.bias))

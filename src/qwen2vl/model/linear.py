@@ -24,8 +24,8 @@ _PACK_ROWS = 32768
 # a layout for 1024 rows is as fast at decode (1-8 rows) as one for 1 row and, unlike it, gives
 # F.linear's exact bits for up to 32 rows at every 2B shape (the 1-row layout already differs at 4
 # rows for in_features 8960). Above that (prefill, the vision tower) the packed kernel can round
-# differently, so those calls run F.linear on a plain copy of the weight instead; on other CPUs the
-# limit is probed per shape at prepack time (_exact_rows).
+# differently, so those calls run F.linear on the weight itself; on other CPUs the limit is probed
+# per shape at prepack time (_exact_rows).
 _PACK_BATCH_HINT = 1024
 _PACKED_MAX_ROWS = 32
 _PROBE_ROWS = (1, 2, 4, 8, 16, 32)
@@ -70,6 +70,7 @@ class Linear(nn.Linear):
     _packed: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
     _packed_from: tuple[int, int, torch.dtype] | None = None
     _packed_rows = 0  # the packed kernel runs for inputs of at most this many rows
+    _evict: Callable[[torch.Tensor], object] | None = None  # drops .weight's pages after a many-row call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and self._packed_usable(x):
@@ -90,18 +91,21 @@ class Linear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows: F.linear on a plain copy of the weight made for this call only (the original's
-        mmap'd pages stay released); one weight copy next to a large GEMM. Blocks are joined first:
-        oneDNN blocks the GEMM by the whole matrix's shape, so per-block calls would round differently."""
-        if len(self._packed) == 1:
-            return F.linear(x, self._packed[0][0].to_dense(), self.bias)
-        return F.linear(x, torch.cat([w.to_dense() for w, _ in self._packed]), self.bias)
+        """Many rows (prefill, the vision tower): F.linear on `.weight` itself, which a large GEMM
+        re-lays out cheaply. A weight mmap'd from the checkpoint faults its pages back in from the page
+        cache for the call and `evict` drops them again, so resident memory stays at the packed copy."""
+        y = F.linear(x, self.weight, self.bias)
+        if self._evict is not None:
+            self._evict(self.weight)
+        return y
 
     @torch.no_grad()
-    def prepack(self, release: Callable[[torch.Tensor], object] | None = None) -> bool:
+    def prepack(self, release: Callable[[torch.Tensor], object] | None = None,
+                evict: Callable[[torch.Tensor], object] | None = None) -> bool:
         """Pack the current weight (CPU, bf16 only); `release(rows)` is called with each packed block
-        of the source (to drop its mmap'd pages). Returns whether it packed (not when the packed
-        kernel cannot reproduce F.linear's bits even for one row on this machine)."""
+        of the source (to drop its mmap'd pages), `evict(weight)` after each many-row call that read
+        the weight. Returns whether it packed (not when the packed kernel cannot reproduce F.linear's
+        bits even for one row on this machine)."""
         weight = self.weight
         if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not can_prepack():
             return False
@@ -116,15 +120,23 @@ class Linear(nn.Linear):
         if exact == 0:  # the packed kernel does not match F.linear for one row here: stay unpacked
             return False
         self._packed, self._packed_from, self._packed_rows = packed, _identity(weight), exact
+        self._evict = evict
         return True
 
     def unpack(self) -> None:
         """Drop the packed copy (forward falls back to F.linear)."""
-        self._packed = self._packed_from = None
+        self._packed = self._packed_from = self._evict = None
 
     @property
     def is_packed(self) -> bool:
         return self._packed is not None and self._packed_from == _identity(self.weight)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: oneDNN's opaque tensors have no storage
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        for name in ("_packed", "_packed_from", "_evict", "_packed_rows"):
+            state.pop(name, None)  # the copy is unpacked: it runs F.linear
+        return state
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the packed copy would be stale
         self.unpack()
