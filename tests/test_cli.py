@@ -89,6 +89,25 @@ def test_run_matches_the_library_api(tmp_path):
     assert proc.stdout == expected + "\n"
 
 
+def test_run_quantize_int8_matches_the_library_with_quantize_int8(tmp_path):
+    from qwen2vl import AutoProcessor, Qwen2VLForConditionalGeneration
+    from qwen2vl.quantize import quantize_int8
+
+    model_dir = tiny_checkpoint("random")
+    image = write_image(tmp_path / "cat.png", 84, 56, seed=3)
+    proc = _cli("run", "--model", str(model_dir), "--quantize", "int8", "--image", str(image),
+                "--max-new-tokens", "8", "What is this?")
+    assert proc.returncode == 0, proc.stderr
+    model = quantize_int8(Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval())
+    processor = AutoProcessor.from_pretrained(model_dir)
+    inputs = processor.apply_chat_template([_user("What is this?", image)], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    new = model.generate(**inputs, max_new_tokens=8)[:, inputs["input_ids"].shape[1]:]
+    assert proc.stdout == processor.batch_decode(new, skip_special_tokens=True)[0] + "\n"
+    bad = _cli("run", "--model", str(model_dir), "--quantize", "int4", "hi")
+    assert bad.returncode == 2 and "int8" in bad.stderr
+
+
 def test_run_json_and_verbose(tmp_path):
     model = tiny_checkpoint("constant")
     image = write_image(tmp_path / "a.png", 84, 56)  # 84x56 px = 6x4 patches of 14 -> 24 / 2² = 6 tokens
