@@ -284,3 +284,15 @@ def test_builtin_model_answers_the_bundled_example():
     proc = _cli("run", "--image", str(ROOT / "examples" / "example.png"), question)  # no --model: built-in
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == answers[("example.png", question)]
+
+
+def test_auto_dtype_follows_a_bf16_checkpoint_on_cpus_with_native_bf16(monkeypatch):
+    from qwen2vl import cli
+
+    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: True)
+    assert cli._dtype("auto", "cpu", "bfloat16") is torch.bfloat16
+    assert cli._dtype("auto", "cpu", "float32") is torch.float32
+    assert cli._dtype("auto", "cpu", None) is torch.float32
+    assert cli._dtype("float32", "cpu", "bfloat16") is torch.float32  # an explicit --dtype wins
+    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: False)  # emulated bf16 would be slow
+    assert cli._dtype("auto", "cpu", "bfloat16") is torch.float32

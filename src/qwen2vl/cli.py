@@ -46,7 +46,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint folder or hub id (default: the built-in model)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto = bfloat16 on CUDA, float32 on CPU")
+                   help="auto = bfloat16 on CUDA; on CPU the checkpoint's bfloat16 where the CPU has native "
+                        "bf16 (avx512_bf16/AMX), else float32")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     return p
 
@@ -118,15 +119,36 @@ def _device(name: str) -> str:
     return name
 
 
-def _dtype(name: str, device: str) -> Any:
-    """auto = bfloat16 on CUDA (float16 if the GPU lacks bf16), float32 elsewhere (CPU bf16 is slow)."""
+def _dtype(name: str, device: str, checkpoint_dtype: str | None = None) -> Any:
+    """auto = bfloat16 on CUDA (float16 if the GPU lacks bf16); on CPU the checkpoint's bfloat16 where
+    the CPU computes bf16 natively (avx512_bf16 / AMX: prepacked matmuls, half the memory of float32),
+    else float32 (emulated bf16 matmuls are slow)."""
     import torch
 
     if name == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device == "cpu" and checkpoint_dtype == "bfloat16" and _cpu_has_bf16():
+            return torch.bfloat16
         return torch.float32
     return getattr(torch, DTYPES[name])
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+
+
+def _checkpoint_dtype(model_id: str) -> str | None:
+    """config.json's dtype (None when it cannot be read: loading reports that error itself)."""
+    from qwen2vl.config import Qwen2VLConfig
+
+    try:
+        return Qwen2VLConfig.from_pretrained(model_id).dtype
+    except Qwen2VLError:
+        return None
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -154,7 +176,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     model_id = _model_id(args.model)
     device = _device(args.device)
     model, processor = jobs.load_pipeline(
-        model_id, dtype=_dtype(args.dtype, device), device=device, min_pixels=args.min_pixels,
+        model_id, dtype=_dtype(args.dtype, device, _checkpoint_dtype(model_id)), device=device,
+        min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, attn_implementation=args.attn_implementation, quantize=args.quantize)
     generation = getattr(model, "generation_config", None)
     if args.max_new_tokens is None and getattr(generation, "max_new_tokens", None) is None \
@@ -453,7 +476,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     model_id = _model_id(args.model)
     config = Qwen2VLConfig.from_pretrained(model_id)
     device = _device(args.device)
-    dtype = str(_dtype(args.dtype, device)).removeprefix("torch.")
+    dtype = str(_dtype(args.dtype, device, config.dtype)).removeprefix("torch.")
     report = describe(config, dtype)
     report.update(model=model_id, device=device, checkpoint_dtype=config.dtype)
     if args.json:
