@@ -65,10 +65,15 @@ def test_sdpa_matches_eager(case):
     assert torch.allclose(out, ref, atol=1e-6)
 
 
-def test_varlen_equals_per_segment_eager():
+@pytest.mark.parametrize("bounds", [
+    [0, 6, 12, 16, 20],  # two lengths, each group back to back: views
+    [0, 6, 10, 16, 20],  # equal lengths apart (6 at 0 and 10, 4 at 6 and 16): gathered
+    [0, 20],  # one segment: the whole sequence
+])
+def test_varlen_equals_per_segment_eager(bounds):
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(20, 2, 8, generator=g) for _ in range(3))
-    cu = torch.tensor([0, 6, 12, 16, 20], dtype=torch.int32)  # two lengths: batched per length
+    cu = torch.tensor(bounds, dtype=torch.int32)
     expected = []
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         seg, _ = attention(*(x[s:e].transpose(0, 1)[None] for x in (q, k, v)), mask=None, scale=0.5, backend="eager")

@@ -111,9 +111,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     for i in range(len(bounds) - 1):
         by_len.setdefault(bounds[i + 1] - bounds[i], []).append(bounds[i])
     for length, starts in by_len.items():
+        lo, count = starts[0], len(starts)
+        if starts == list(range(lo, lo + count * length, length)):  # back to back: views, no gather
+            qs, ks, vs = (x[lo:lo + count * length].view(count, length, *x.shape[1:]).transpose(1, 2)
+                          for x in (q, k, v))
+            seg, _ = attention(qs, ks, vs, mask=None, scale=scale, backend=backend)  # (S, len, H, D)
+            if count * length == q.shape[0]:
+                return seg.reshape(q.shape)  # one image / one video: the whole sequence
+            out[lo:lo + count * length] = seg.reshape(-1, *q.shape[1:])
+            continue
         index = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
         # (S*len, H, D) -> (S, H, len, D)
-        qs, ks, vs = (x.index_select(0, index).view(len(starts), length, *x.shape[1:]).transpose(1, 2)
+        qs, ks, vs = (x.index_select(0, index).view(count, length, *x.shape[1:]).transpose(1, 2)
                       for x in (q, k, v))
         seg, _ = attention(qs, ks, vs, mask=None, scale=scale, backend=backend)  # (S, len, H, D)
         out.index_copy_(0, index, seg.reshape(-1, *q.shape[1:]))
