@@ -175,9 +175,10 @@ def _model_id(model: str | None) -> str:
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     model_id = _model_id(args.model)
     device = _device(args.device)
+    # only "auto" on CPU depends on the checkpoint's dtype: read config.json for it then alone
+    checkpoint_dtype = _checkpoint_dtype(model_id) if args.dtype == "auto" and device == "cpu" else None
     model, processor = jobs.load_pipeline(
-        model_id, dtype=_dtype(args.dtype, device, _checkpoint_dtype(model_id)), device=device,
-        min_pixels=args.min_pixels,
+        model_id, dtype=_dtype(args.dtype, device, checkpoint_dtype), device=device, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, attn_implementation=args.attn_implementation, quantize=args.quantize)
     generation = getattr(model, "generation_config", None)
     if args.max_new_tokens is None and getattr(generation, "max_new_tokens", None) is None \

@@ -220,9 +220,11 @@ def prepack_for_cpu(model: nn.Module, only_mapped: bool = False) -> int:
     shared = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
     count = 0
     for module in model.modules():
-        if not isinstance(module, Linear) or (only_mapped and not pages.file_backed(module.weight)):
+        if not isinstance(module, Linear):
             continue
         mapped = pages.file_backed(module.weight)
+        if only_mapped and not mapped:
+            continue
         # evict after a many-row call needs no file check: the pack is used only while the weight's
         # version counter is unchanged, i.e. its bytes are still the ones checked here
         count += module.prepack(release=pages.releaser(in_use=module.weight.data_ptr() in shared),

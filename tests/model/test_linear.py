@@ -25,7 +25,7 @@ def _linear(n_out: int, n_in: int, bias: bool = True, seed: int = 0) -> Linear:
 
 def _packable(layer: Linear) -> bool:
     """Whether the probe found the packed kernel exact for this layer's shape on this machine."""
-    return linear_module._EXACT_ROWS.get((tuple(layer.weight.shape), layer.bias is not None, layer.weight.dtype), 0) > 0
+    return linear_module._EXACT_ROWS.get(linear_module._probe_key(layer.weight, layer.bias), 0) > 0
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 32, 57, 300])
@@ -164,3 +164,14 @@ def test_a_packed_layer_deep_copies_and_pickles_unpacked(always_exact):
         assert not clone.is_packed and layer.is_packed
         with torch.no_grad():
             assert torch.equal(clone(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_shape_already_refused_is_not_packed_again(monkeypatch):
+    """Every down_proj of a model shares one shape: once the probe refused it, the others skip the
+    reorder (and leave their pages alone)."""
+    layer = _linear(24, 40)
+    monkeypatch.setitem(linear_module._EXACT_ROWS, linear_module._probe_key(layer.weight, layer.bias), 0)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", None, raising=False)
+    released = []
+    assert not layer.prepack(release=released.append)
+    assert released == [] and not layer.is_packed

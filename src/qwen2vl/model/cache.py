@@ -143,10 +143,11 @@ class StaticCache:
                              "build the cache with a larger max_cache_len")
         self._end = end  # attention reads slots [0, end) only, like a cache that grows (same kernel calls)
         self._index = self.lengths[:, None] + torch.arange(new_len, device=self.lengths.device)  # (B, L)
-        heads = self.key_cache[0].shape[1] if self.key_cache else 1
-        # (row, head, slot) index tensors broadcasting to (B, Hkv, L): where update() writes
+        # (row, head, slot) index tensors broadcasting to (B, Hkv, L): where update() writes (all cache
+        # tensors live on the device given at construction)
         self._where = (torch.arange(batch_size, device=self.lengths.device)[:, None, None],
-                       torch.arange(heads, device=self.lengths.device)[None, :, None], self._index[:, None, :])
+                       torch.arange(self.key_cache[0].shape[1], device=self.lengths.device)[None, :, None],
+                       self._index[:, None, :])
         new_valid = (torch.ones(batch_size, new_len, dtype=torch.bool, device=self.valid.device)
                      if attention_mask is None else attention_mask[:, -new_len:].bool().to(self.valid.device))
         self.valid.scatter_(1, self._index, new_valid)
@@ -162,9 +163,8 @@ class StaticCache:
         # index_put_ writes only the new (B, Hkv, L, D) entries; scatter_ on CPU copied the whole cache
         # twice per call (0.2 ms per layer at 8 x 459 slots, more than the step's attention)
         keys, values = self.key_cache[layer_idx], self.value_cache[layer_idx]
-        where = self._where if self._where[0].device == keys.device else tuple(i.to(keys.device) for i in self._where)
-        keys.index_put_(where, key.to(keys.dtype))
-        values.index_put_(where, value.to(values.dtype))
+        keys.index_put_(self._where, key.to(keys.dtype))
+        values.index_put_(self._where, value.to(values.dtype))
         return keys[:, :, :self._end], values[:, :, :self._end]  # (B, Hkv, K, D) views
 
     def end(self, new_len: int) -> None:

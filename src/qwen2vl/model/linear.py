@@ -40,12 +40,16 @@ def can_prepack() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _probe_key(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return tuple(weight.shape), bias is not None, weight.dtype
+
+
 def _exact_rows(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
     """Most activation rows (up to _PACKED_MAX_ROWS) for which `packed` reproduces F.linear bit for bit
     on this machine, probed once per shape: kernels differ across CPUs, oneDNN versions and row counts
     (F.linear takes another path for a single row; at in_features 8960 it then rounds differently in
     about 1 call in 5), so each row count is tried on random inputs until ~24k outputs were compared."""
-    key = (tuple(weight.shape), bias is not None, weight.dtype)
+    key = _probe_key(weight, bias)
     if key not in _EXACT_ROWS:
         generator = torch.Generator().manual_seed(0)
         exact = 0
@@ -113,6 +117,8 @@ class Linear(nn.Linear):
         packed, exact = [], _PACKED_MAX_ROWS
         for lo in range(0, self.out_features, _PACK_ROWS):
             rows, b = weight.detach()[lo:lo + _PACK_ROWS], None if bias is None else bias[lo:lo + _PACK_ROWS]
+            if _EXACT_ROWS.get(_probe_key(rows, b)) == 0:  # already probed and refused: don't pack again
+                return False
             packed.append((torch.ops.mkldnn._reorder_linear_weight(rows, _PACK_BATCH_HINT), b))
             exact = min(exact, _exact_rows(packed[-1][0], rows, b))
             if release is not None:
@@ -132,8 +138,7 @@ class Linear(nn.Linear):
         return self._packed is not None and self._packed_from == _identity(self.weight)
 
     def __getstate__(self) -> dict:  # deepcopy / pickle: oneDNN's opaque tensors have no storage
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = dict(self.__dict__)
         for name in ("_packed", "_packed_from", "_evict", "_packed_rows"):
             state.pop(name, None)  # the copy is unpacked: it runs F.linear
         return state
