@@ -16,8 +16,9 @@ ALLOWED = {
     "processing": {"config", "errors"},
     "model": {"config", "errors"},
     "weights": {"config", "errors", "model", "mapped"},
-    "quantize": {"config", "errors", "model", "mapped"},
+    "quantize": {"config", "errors", "model", "mapped", "native"},
     "mapped": set(),
+    "native": set(),  # C kernels built on first use + their torch wrappers; torch and stdlib only
     "generation": {"config", "errors", "model", "weights"},
     "builtin": {"config", "errors"},
     "engine": {"config", "errors", "model", "weights", "generation", "processing", "quantize"},

@@ -7,9 +7,11 @@ and its logits must stay within the stated tolerance of the unquantised model.
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
+from qwen2vl.native import build as native_build
 from qwen2vl.quantize import Int8Linear, quantize_int8, quantize_weight_int8
 from support.checkpoints import tiny_model
 
@@ -56,12 +58,23 @@ def test_quantize_weight_int8_chunks_do_not_change_the_result():
     assert torch.equal(q1, q2) and torch.equal(s1, s2)
 
 
-def test_int8_linear_computes_x_times_dequantised_weight():
+@pytest.fixture(params=["native", "torch"])
+def kernel(request, monkeypatch):
+    """Run a test with our C kernel (<= 8 rows), and again as on a machine without a C compiler
+    (torch's int8 kernel for <= 2 rows, the portable dequantising path above)."""
+    if request.param == "torch":
+        monkeypatch.setenv("QWEN2VL_NATIVE", "0")
+    native_build.load.cache_clear()
+    yield request.param
+    native_build.load.cache_clear()
+
+
+def test_int8_linear_computes_x_times_dequantised_weight(kernel):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True)
     layer = Int8Linear.from_linear(linear)
     w = layer.weight_int8.double() * layer.scales.double()[:, None]
-    for rows in (1, 2, 5):  # 1-2 rows take torch's int8 kernel on CPU, more rows the portable path
+    for rows in (1, 2, 3, 5):  # 3 * rows activation rows: native up to 8, then the portable path
         x = torch.randn(rows, 3, 64)
         expected = x.double() @ w.T + linear.bias.double()
         out = layer(x)
@@ -69,13 +82,13 @@ def test_int8_linear_computes_x_times_dequantised_weight():
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_int8_linear_bf16_kernel_and_fallback_agree_to_bf16_rounding():
+def test_int8_linear_bf16_kernel_and_fallback_agree_to_bf16_rounding(kernel):
     torch.manual_seed(0)
-    layer = Int8Linear.from_linear(nn.Linear(96, 32, bias=False).to(torch.bfloat16))
+    layer = Int8Linear.from_linear(nn.Linear(96, 32, bias=True).to(torch.bfloat16))
     x = torch.randn(1, 96, dtype=torch.bfloat16)
     w = layer.weight_int8.double() * layer.scales.double()[:, None]
-    expected = x.double() @ w.T
-    for out in (layer(x), layer(x.expand(4, 96))[:1]):  # kernel (1 row) and portable (4 rows) paths
+    expected = x.double() @ w.T + layer.bias.double()
+    for out in (layer(x), layer(x.expand(4, 96))[:1], layer(x.expand(20, 96))[:1]):  # 1, 4, 20 rows
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
@@ -102,7 +115,7 @@ def test_quantize_int8_can_keep_lm_head():
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, Int8Linear)
 
 
-def test_int8_logits_close_to_unquantised_and_equal_to_dequantised_model():
+def test_int8_logits_close_to_unquantised_and_equal_to_dequantised_model(kernel):
     for dtype in (torch.float32, torch.bfloat16):
         model = tiny_model(tied=False).to(dtype)
         ids = _inputs()
@@ -118,7 +131,7 @@ def test_int8_logits_close_to_unquantised_and_equal_to_dequantised_model():
         assert (got - plain).abs().max().item() <= tol
 
 
-def test_generate_runs_after_quantisation_and_matches_dequantised_model():
+def test_generate_runs_after_quantisation_and_matches_dequantised_model(kernel):
     model = tiny_model(tied=True)
     quantize_int8(model)
     plain = _dequantised_copy(model)
@@ -166,3 +179,13 @@ def test_an_edited_embedding_is_not_released(tmp_path):
         got = model(input_ids=ids).logits
     spread = (ref.float().max() - ref.float().min()).item()
     assert (got.float() - ref.float()).abs().max().item() <= INT8_LOGIT_TOL * spread
+
+
+def test_scales_follow_an_in_place_edit():
+    """The kernel reads an fp32 copy of the scales; editing the buffer must not leave it stale."""
+    layer = Int8Linear.from_linear(nn.Linear(64, 16, bias=False))
+    x = torch.randn(1, 64)
+    before = layer(x)
+    with torch.no_grad():
+        layer.scales.mul_(2.0)
+    torch.testing.assert_close(layer(x), before * 2.0)
