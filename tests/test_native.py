@@ -128,3 +128,19 @@ def test_disabled_by_environment(fresh_build, monkeypatch):
     monkeypatch.setenv("QWEN2VL_NATIVE", "0")
     assert build.load("q8_linear") is None
     assert not (fresh_build / "native").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_q_times_scale_rounded_once(dtype):
+    _, q, scales, _ = _operands(1, 37, 300, seed=5)
+    expected = (q.float() * scales[:, None]).to(dtype)  # fp32 product (exact for |q| <= 127), one rounding
+    got = int8.dequantize(q, scales, dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_dequantize_reuses_one_buffer_per_thread(monkeypatch):
+    _, q, scales, _ = _operands(1, 16, 64)
+    first = int8.dequantize(q, scales, torch.bfloat16).data_ptr()
+    assert int8.dequantize(q[:8], scales[:8], torch.bfloat16).data_ptr() == first  # smaller: same buffer
+    monkeypatch.setattr(int8, "_SCRATCH_MAX_BYTES", 100)  # above the cap: a tensor of its own
+    assert int8.dequantize(q, scales, torch.bfloat16).data_ptr() != first

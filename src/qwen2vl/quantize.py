@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 # Our kernel (native/q8_linear.c: streams the int8 rows with prefetching, ~25 GB/s on 2 cores against
 # ~14 GB/s for torch's) serves up to _NATIVE_MAX_ROWS activation rows; its cost grows with the rows
-# (fp32 FMAs per weight), and at 16 rows dequantising + F.linear is faster. Without a C compiler,
+# (fp32 FMAs per weight), and at 16 rows dequantising (native q8_dequantize into a reused buffer) +
+# one dense F.linear is faster. Without a C compiler,
 # torch's CPU int8 weight-only GEMM takes up to _KERNEL_MAX_ROWS rows (same growth, slower start).
 _NATIVE_MAX_ROWS = 8
 _KERNEL_MAX_ROWS = 2
@@ -60,8 +61,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] <= _NATIVE_MAX_ROWS and native_int8.supports(x2, self.weight_int8, self.bias):
-            y = native_int8.q8_linear(x2, self.weight_int8, self._scales_f32(), self.bias)
+        if native_int8.supports(x2, self.weight_int8, self.bias):
+            if x2.shape[0] <= _NATIVE_MAX_ROWS:
+                y = native_int8.q8_linear(x2, self.weight_int8, self._scales_f32(), self.bias)
+            else:  # many rows (prefill): dequantise into a reused buffer, then one dense GEMM
+                w = native_int8.dequantize(self.weight_int8, self._scales_f32(), x2.dtype)
+                y = F.linear(x2, w, self.bias)
             return y.reshape(*shape[:-1], self.out_features)
         if self._use_kernel(x2):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)

@@ -144,3 +144,29 @@ int q8_linear(const void* x, int x_bf16, const int8_t* q, const float* scale, co
     free(xbuf);
     return 0;
 }
+
+/* w (N, K) = q * scale[n], as bf16 (w_bf16, rounded to nearest-even) or fp32: the dequantised weight
+ * for many-row calls (prefill), which then run a dense GEMM. Callers pass a block of rows at a time,
+ * small enough to stay in cache until the GEMM reads it. Values are finite (|q| <= 127, scale finite),
+ * so the rounding needs no NaN case and vectorises. */
+void q8_dequantize(const int8_t* q, const float* scale, void* w, int w_bf16, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t* r = q + n * K;
+        const float s = scale[n];
+        if (w_bf16) {
+            uint16_t* out = (uint16_t*)w + n * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++) {
+                float v = (float)r[k] * s;
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                out[k] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            }
+        } else {
+            float* out = (float*)w + n * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++) out[k] = (float)r[k] * s;
+        }
+    }
+}
