@@ -1,8 +1,10 @@
 """Inference-only weight transforms applied as module swaps after a model is built and loaded.
 
 `quantize_int8(model)`: weight-only int8 (per-output-channel symmetric scales) for the text decoder's
-Linear layers (+ lm_head); gradients are dropped, so use it for inference only. (CPU bf16 prepacking,
-which keeps outputs bit-identical, is not a swap: see qwen2vl.model.linear and weights.prepack_for_cpu.)
+Linear layers (+ lm_head); gradients are dropped, so use it for inference only. On CPU the layers run
+our C kernels (qwen2vl.native.int8) where a compiler built them, else torch's int8 kernel or a
+dequantising path. (CPU bf16 prepacking, which keeps outputs bit-identical, is not a swap: see
+qwen2vl.model.linear and weights.prepack_for_cpu.)
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         if keep_weight is not None:
-            # see _keeps_weight: `.weight` stays reachable (dtype/device lookups, state_dict) at no
-            # the embedding holds it anyway), so code reading lm_head.weight.dtype/.device still works
+            # see _keeps_weight: `.weight` stays reachable at no cost (its pages are released, or the
+            # embedding holds it anyway), so code reading lm_head.weight.dtype/.device still works
             self.weight = keep_weight
 
     @classmethod

@@ -1,4 +1,5 @@
-"""torch-facing wrapper of q8_linear.c: weight-only int8 linear for a few activation rows on CPU."""
+"""torch-facing wrappers of q8_linear.c (CPU, weight-only int8): q8_linear for a few activation rows
+(decode), dequantize for many (prefill: dequantise, then one dense GEMM)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def available() -> bool:
 
 
 def supports(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether q8_linear can take these operands (then it never returns None for them)."""
+    """Whether the kernels built on this machine and can take these operands (no autograd: they are
+    inference-only)."""
     return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 2 and q.dtype == torch.int8
             and q.device.type == "cpu" and q.dim() == 2 and x.shape[1] == q.shape[1]
             and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu"))
