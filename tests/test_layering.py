@@ -14,7 +14,7 @@ ALLOWED = {
     "errors": set(),
     "config": {"errors"},
     "processing": {"config", "errors"},
-    "model": {"config", "errors"},
+    "model": {"config", "errors", "native"},
     "weights": {"config", "errors", "model", "mapped"},
     "quantize": {"config", "errors", "model", "mapped", "native"},
     "mapped": set(),

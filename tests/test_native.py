@@ -144,3 +144,60 @@ def test_dequantize_reuses_one_buffer_per_thread(monkeypatch):
     assert int8.dequantize(q[:8], scales[:8], torch.bfloat16).data_ptr() == first  # smaller: same buffer
     monkeypatch.setattr(int8, "_SCRATCH_MAX_BYTES", 100)  # above the cap: a tensor of its own
     assert int8.dequantize(q, scales, torch.bfloat16).data_ptr() != first
+
+
+# ------------------------------------------------------------------------------------------ rotary
+from qwen2vl.model import rope  # noqa: E402
+from qwen2vl.native import rotary  # noqa: E402
+
+
+def _torch_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference's vision rotary: in fp32, then back to bf16."""
+    return rope.apply_rotary(x.float(), cos[:, None], sin[:, None]).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("n,h,d", [(37, 16, 80), (1, 1, 2), (300, 3, 64)])
+def test_rotary_is_bit_identical_to_the_torch_ops(n, h, d):
+    g = torch.Generator().manual_seed(n)
+    qkv = (torch.randn(n, 3 * h * d, generator=g) * 4).to(torch.bfloat16)
+    q, k, _ = qkv.view(n, 3, h, d).unbind(1)  # strided views, as out of the fused qkv projection
+    angles = torch.randn(n, d // 2, generator=g) * 40
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    for x in (q, k, q.contiguous()):
+        assert rotary.supports(x, cos, sin)
+        got = rotary.rotary_bf16(x, cos, sin)
+        assert got.is_contiguous() and torch.equal(got, _torch_rotary(x, cos, sin))
+
+
+def test_rotary_special_values_match_the_torch_ops():
+    x = torch.tensor([[[1.0, float("inf"), float("nan"), -0.0, 3e38, 1e-40]]]).to(torch.bfloat16)
+    x = x.repeat(4, 2, 1)
+    cos = torch.tensor([0.5, -1.0, 2.0, 1e-30, 1.0, 0.25]).repeat(4, 1)
+    sin = torch.tensor([-0.5, 0.0, 3.0, 7.0, -2.0, 1e30]).repeat(4, 1)
+    torch.testing.assert_close(rotary.rotary_bf16(x, cos, sin), _torch_rotary(x, cos, sin),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+def test_rotary_supports_refuses_other_layouts():
+    x, cs = torch.zeros(4, 2, 8, dtype=torch.bfloat16), torch.zeros(4, 8)
+    assert rotary.supports(x, cs, cs)
+    assert not rotary.supports(x.float(), cs, cs)  # fp32 activations: the torch path
+    assert not rotary.supports(x.transpose(1, 2), cs[:, :2], cs[:, :2])  # last dim not contiguous
+    assert not rotary.supports(x, cs.bfloat16(), cs.bfloat16())
+    assert not rotary.supports(x.requires_grad_(), cs, cs)
+
+
+def test_vision_tower_gives_the_same_bits_with_and_without_the_kernel(monkeypatch):
+    from support.checkpoints import tiny_model
+
+    tower = tiny_model().model.visual.to(torch.bfloat16).eval()
+    grid = torch.tensor([[1, 4, 6], [2, 2, 2]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = tower(pixels.to(torch.bfloat16), grid).pooler_output
+        monkeypatch.setenv("QWEN2VL_NATIVE", "0")
+        build.load.cache_clear()
+        assert not rotary.supports(torch.zeros(1, 1, 2, dtype=torch.bfloat16), torch.zeros(1, 2), torch.zeros(1, 2))
+        plain = tower(pixels.to(torch.bfloat16), grid).pooler_output
+    build.load.cache_clear()
+    assert torch.equal(fused, plain)

@@ -16,6 +16,7 @@ from qwen2vl.model import rope
 from qwen2vl.model.attention import check_backend, varlen_attention
 from qwen2vl.model.linear import Linear
 from qwen2vl.model.text import ModelOutput, activation
+from qwen2vl.native import rotary as native_rotary
 
 
 class BaseModelOutputWithPooling(ModelOutput):
@@ -61,10 +62,13 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         # qkv features are [q | k | v], each head-major: (N, 3E) -> (N, 3, H, D)
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        # rotary in fp32, then back to the activation dtype (fix for fp16/bf16 garbage, transformers #33294)
-        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D)
-        q = rope.apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = rope.apply_rotary(k.float(), cos, sin).to(x.dtype)
+        # rotary in fp32, then back to the activation dtype (fix for fp16/bf16 garbage, transformers #33294);
+        # on CPU in bf16 one fused pass gives the same bits (native/rotary.c: ~8 torch ops per tensor)
+        if native_rotary.supports(q, cos, sin):
+            q, k = native_rotary.rotary_bf16(q, cos, sin), native_rotary.rotary_bf16(k, cos, sin)
+        else:
+            q = rope.apply_rotary(q.float(), cos[:, None], sin[:, None]).to(x.dtype)  # cos/sin (N, 1, D)
+            k = rope.apply_rotary(k.float(), cos[:, None], sin[:, None]).to(x.dtype)
         out = varlen_attention(q, k, v, cu_seqlens, scale=self.scaling, backend=backend)
         return self.proj(out.reshape(n, -1))
 
