@@ -6,6 +6,7 @@ and its logits must stay within the stated tolerance of the unquantised model.
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,27 @@ def test_scales_follow_an_in_place_edit():
     with torch.no_grad():
         layer.scales.mul_(2.0)
     torch.testing.assert_close(layer(x), before * 2.0)
+
+
+def test_a_portable_build_leaves_decode_to_torchs_kernel(monkeypatch):
+    """Where the kernel was built without AVX2/AVX-512 (slower than torch's int8 kernel), few-row calls
+    go to torch; many-row calls still dequantise natively."""
+    from qwen2vl.native import int8 as native_int8
+
+    monkeypatch.setattr(native_int8, "fast_few_rows", lambda: False)
+    monkeypatch.setattr(native_int8, "q8_linear", lambda *a: pytest.fail("q8_linear called"))
+    layer = Int8Linear.from_linear(nn.Linear(64, 16, bias=True).to(torch.bfloat16))
+    w = layer.weight_int8.double() * layer.scales.double()[:, None]
+    for rows in (1, 12):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x).double(), x.double() @ w.T + layer.bias.double(), rtol=2e-2, atol=2e-2)
+
+
+def test_this_machines_build_is_the_fast_one():
+    from qwen2vl.native import build, int8 as native_int8
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    if build.find_compiler() is None or not any(f in flags for f in (" avx2", " avx512f")):
+        pytest.skip("no compiler or no AVX2 here: the portable build is used, see the test above")
+    assert native_int8.fast_few_rows()

@@ -64,12 +64,12 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if native_int8.supports(x2, self.weight_int8, self.bias):
-            if x2.shape[0] <= _NATIVE_MAX_ROWS:
-                y = native_int8.q8_linear(x2, self.weight_int8, self._scales_f32(), self.bias)
-            else:  # many rows (prefill): dequantise into a reused buffer, then one dense GEMM
+            if x2.shape[0] > _NATIVE_MAX_ROWS:  # prefill: dequantise into a reused buffer, one dense GEMM
                 w = native_int8.dequantize(self.weight_int8, self._scales_f32(), x2.dtype)
-                y = F.linear(x2, w, self.bias)
-            return y.reshape(*shape[:-1], self.out_features)
+                return F.linear(x2, w, self.bias).reshape(*shape[:-1], self.out_features)
+            if native_int8.fast_few_rows():
+                y = native_int8.q8_linear(x2, self.weight_int8, self._scales_f32(), self.bias)
+                return y.reshape(*shape[:-1], self.out_features)
         if self._use_kernel(x2):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
         else:  # portable path: int8 -> activation dtype on the fly, then scale the output channels

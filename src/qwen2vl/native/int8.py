@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 
 import torch
@@ -24,6 +25,18 @@ def _kernel(name: str = "q8_linear"):
                        else [p, p, p, ctypes.c_int, i64, i64])
         fn.restype = ctypes.c_int if name == "q8_linear" else None
     return fn
+
+
+def fast_few_rows() -> bool:
+    """Whether q8_linear is the hand-vectorised build (AVX-512 / AVX2): only then is it faster than
+    torch's int8 kernel for decode; dequantize is worth it either way."""
+    lib = load("q8_linear")
+    return lib is not None and _vectorised(lib)
+
+
+@functools.cache
+def _vectorised(lib: ctypes.CDLL) -> bool:
+    return bool(lib.q8_linear_vectorised())
 
 
 def available() -> bool:
