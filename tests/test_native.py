@@ -201,3 +201,17 @@ def test_vision_tower_gives_the_same_bits_with_and_without_the_kernel(monkeypatc
         plain = tower(pixels.to(torch.bfloat16), grid).pooler_output
     build.load.cache_clear()
     assert torch.equal(fused, plain)
+
+
+def test_editing_a_shared_header_rebuilds(fresh_build, monkeypatch, tmp_path):
+    """The libraries include bf16.h: a changed header must not load the library built from the old one."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in build.SOURCE_DIR.glob("*.[ch]"):
+        (src / f.name).write_text(f.read_text())
+    monkeypatch.setattr(build, "SOURCE_DIR", src)
+    assert build.load("rotary") is not None
+    (src / "bf16.h").write_text((src / "bf16.h").read_text() + "\n/* edited */\n")
+    build.load.cache_clear()
+    assert build.load("rotary") is not None
+    assert len(list((fresh_build / "native").glob("rotary-*.so"))) == 2

@@ -3,9 +3,10 @@
 We compile on the user's machine (with `-march=native`) instead of shipping binaries: the kernels are
 a few dozen lines, the C compiler that every Linux box with Python headers has builds them in about a
 second, and the result is tuned for the CPU it runs on. The library is cached under
-`$QWEN2VL_CACHE_DIR` (default `~/.cache/qwen2vl`)/native, named by a hash of the source, the compiler,
-the flags and the CPU, so an edit, a new compiler or a different CPU rebuilds it; the file is written
-under a temporary name and renamed, so parallel processes never load half a file.
+`$QWEN2VL_CACHE_DIR` (default `~/.cache/qwen2vl`)/native, named by a hash of the source (and the
+shared headers), the compiler, the flags and the CPU, so an edit, a new compiler or a different CPU
+rebuilds it; the file is written under a temporary name and renamed, so parallel processes never
+load half a file.
 
 Nothing here is required: `load()` returns None (and says why once, in the log) when there is no
 compiler, the build fails, or `QWEN2VL_NATIVE=0` is set; callers then use their torch path.
@@ -71,10 +72,12 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("native %s: no C compiler (cc, gcc, clang or $CC) found; using the torch path", name)
         return None
+    # what the library depends on besides the flags: its source, the shared headers, compiler and CPU
+    inputs = [source.read_text(), *(h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))), compiler,
+              _cpu_signature()]
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256("\0".join([source.read_text(), compiler, " ".join(flags),
-                                        _cpu_signature()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([*inputs, " ".join(flags)]).encode()).hexdigest()[:16]
         target = cache_dir() / f"{name}-{key}.so"
         if not target.exists():
             error = _compile(compiler, flags, source, target)

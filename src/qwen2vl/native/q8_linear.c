@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -30,21 +32,6 @@
 #define PF_NEAR 1024
 #define PF_FAR 8192
 #define MAX_TILE 4 /* activation rows per pass over a weight row */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                        /* nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
 
 static inline void prefetch(const int8_t* p, const int8_t* end) {
     if (p + PF_NEAR < end) __builtin_prefetch(p + PF_NEAR, 0, 3);

@@ -15,20 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                        /* nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 void rotary_bf16(const uint16_t* x, int64_t sn, int64_t sh, const float* cos, const float* sin, uint16_t* out,
                  int64_t N, int64_t H, int64_t D) {
