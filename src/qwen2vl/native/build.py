@@ -93,6 +93,17 @@ def load(name: str) -> ctypes.CDLL | None:
     return None
 
 
+def function(library: str, name: str, argtypes: list, restype=None):
+    """`name` from the library built from `<library>.c` with its ctypes signature set, or None."""
+    lib = load(library)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def _compile(compiler: str, flags: list[str], source: Path, target: Path) -> str | None:
     """Build source -> target atomically; returns None on success, else the compiler's complaint."""
     try:

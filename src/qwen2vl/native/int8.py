@@ -9,22 +9,13 @@ import threading
 
 import torch
 
-from qwen2vl.native.build import load
+from qwen2vl.native.build import function, load
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # x / bias / y dtype -> the kernel's x_bf16 flag
-
-
-def _kernel(name: str = "q8_linear"):
-    lib = load("q8_linear")
-    if lib is None:
-        return None
-    fn = getattr(lib, name)
-    if fn.argtypes is None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = ([p, ctypes.c_int, p, p, p, p, i64, i64, i64] if name == "q8_linear"
-                       else [p, p, p, ctypes.c_int, i64, i64])
-        fn.restype = ctypes.c_int if name == "q8_linear" else None
-    return fn
+# (library, function, argtypes[, restype]) for build.function
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_Q8_LINEAR = ("q8_linear", "q8_linear", [_P, ctypes.c_int, _P, _P, _P, _P, _I64, _I64, _I64], ctypes.c_int)
+_Q8_DEQUANTIZE = ("q8_linear", "q8_dequantize", [_P, _P, _P, ctypes.c_int, _I64, _I64])
 
 
 def fast_few_rows() -> bool:
@@ -41,7 +32,7 @@ def _vectorised(lib: ctypes.CDLL) -> bool:
 
 def available() -> bool:
     """Whether the kernel built and loaded on this machine (builds it on first call)."""
-    return _kernel() is not None
+    return function(*_Q8_LINEAR) is not None
 
 
 def supports(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -50,7 +41,7 @@ def supports(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None) -> boo
     return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 2 and q.dtype == torch.int8
             and q.device.type == "cpu" and q.dim() == 2 and x.shape[1] == q.shape[1]
             and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu"))
-            and not (torch.is_grad_enabled() and x.requires_grad) and _kernel() is not None)
+            and not (torch.is_grad_enabled() and x.requires_grad) and function(*_Q8_LINEAR) is not None)
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scales_f32: torch.Tensor,
@@ -63,7 +54,7 @@ def q8_linear(x: torch.Tensor, q: torch.Tensor, scales_f32: torch.Tensor,
     bias = None if bias is None else bias.contiguous()
     (m, k), n = x.shape, q.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = _kernel()(x.data_ptr(), _DTYPES[x.dtype], q.data_ptr(), scales_f32.data_ptr(),
+    rc = function(*_Q8_LINEAR)(x.data_ptr(), _DTYPES[x.dtype], q.data_ptr(), scales_f32.data_ptr(),
                    None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
     if rc != 0:
         raise MemoryError(f"q8_linear: could not allocate {m * k * 4} bytes for the fp32 copy of x")
@@ -94,5 +85,5 @@ def dequantize(q: torch.Tensor, scales_f32: torch.Tensor, dtype: torch.dtype) ->
     available() and dtype is fp32 or bf16."""
     q, scales_f32 = q.contiguous(), scales_f32.contiguous()
     w = _buffer(q.numel(), dtype).view(q.shape)
-    _kernel("q8_dequantize")(q.data_ptr(), scales_f32.data_ptr(), w.data_ptr(), _DTYPES[dtype], *q.shape)
+    function(*_Q8_DEQUANTIZE)(q.data_ptr(), scales_f32.data_ptr(), w.data_ptr(), _DTYPES[dtype], *q.shape)
     return w

@@ -6,19 +6,11 @@ import ctypes
 
 import torch
 
-from qwen2vl.native.build import load
+from qwen2vl.native.build import function
 
 
-def _kernel():
-    lib = load("rotary")
-    if lib is None:
-        return None
-    fn = lib.rotary_bf16
-    if fn.argtypes is None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, i64, i64, p, p, p, i64, i64, i64]
-        fn.restype = None
-    return fn
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_ROTARY = ("rotary", "rotary_bf16", [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64])
 
 
 def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -27,7 +19,7 @@ def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and x.shape[2] % 2 == 0 and cos.dtype == sin.dtype == torch.float32
             and cos.shape == sin.shape == (x.shape[0], x.shape[2])
             and cos.device.type == sin.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and _kernel() is not None)
+            and not (torch.is_grad_enabled() and x.requires_grad) and function(*_ROTARY) is not None)
 
 
 def rotary_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -36,5 +28,5 @@ def rotary_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     cos, sin = cos.contiguous(), sin.contiguous()
     n, h, d = x.shape
     out = torch.empty(n, h, d, dtype=torch.bfloat16)
-    _kernel()(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), n, h, d)
+    function(*_ROTARY)(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), n, h, d)
     return out
