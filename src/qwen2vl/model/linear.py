@@ -22,10 +22,11 @@ from torch import nn
 _PACK_ROWS = 32768
 # oneDNN picks the blocked layout for an expected row count. Measured on a 2-core AMX Xeon (2B shapes):
 # a layout for 1024 rows is as fast at decode (1-8 rows) as one for 1 row and, unlike it, gives
-# F.linear's exact bits for up to 32 rows at every 2B shape (the 1-row layout already differs at 4
-# rows for in_features 8960). Above that (prefill, the vision tower) the packed kernel can round
-# differently, so those calls run F.linear on the weight itself; on other CPUs the limit is probed
-# per shape at prepack time (_exact_rows).
+# F.linear's exact bits for 2-32 rows at every 2B shape (the 1-row layout already differs at 4 rows for
+# in_features 8960). A single row at in_features 8960 (and 3584, the 7B's) differs with every layout:
+# F.linear takes another oneDNN path there, so those shapes stay unpacked. Above 32 rows (prefill) the
+# packed kernel can round differently, so those calls run F.linear on the weight itself. The limit is
+# probed per shape and machine at prepack time (_exact_rows).
 _PACK_BATCH_HINT = 1024
 _PACKED_MAX_ROWS = 32
 _PROBE_ROWS = (1, 2, 4, 8, 16, 32)
